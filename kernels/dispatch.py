@@ -1,0 +1,137 @@
+"""Choose, per call, which implementation of a fused op runs, and say why.
+
+`choose(op, impl, x)` resolves "auto" or checks an explicit request. The first time an op resolves
+to an implementation it is logged once (logger "megalm.kernels", INFO). An explicit request that
+cannot run raises KernelUnavailable naming what is missing: never a silent fallback.
+
+Nothing here imports triton or builds the CUDA extension; the implementation modules are imported
+only when first called, so `import megalm_kernels` works without triton.
+"""
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("megalm.kernels")
+
+IMPLS = {
+    "attention": ("triton", "sdpa", "torch"),
+    "layer_norm": ("triton", "cuda", "apex", "torch"),
+    "rms_norm": ("triton", "apex", "torch"),
+}
+# What "auto" tries on a CUDA device, best first. Triton leads on the strength of the anchors
+# (fused norms reach ~87% of HBM bandwidth where torch eager does not; SDPA's flash/cuDNN
+# attention is the fallback). Reorder from benchmarks/results/<device>/kernels.md once measured.
+AUTO_ON_CUDA = {
+    "attention": ("triton", "sdpa"),
+    "layer_norm": ("triton", "torch"),
+    "rms_norm": ("triton", "torch"),
+}
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
+
+_logged: set[tuple[str, str]] = set()
+
+
+class KernelUnavailable(RuntimeError):
+    """An explicitly requested implementation cannot run here."""
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors in its interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def apex_norms():
+    """NVIDIA Apex's fused norm functions, or None. The PyPI package named `apex` is an
+    unrelated web toolkit: only the real one has apex.normalization and its CUDA extension."""
+    try:
+        fused = importlib.import_module("apex.normalization.fused_layer_norm")
+        importlib.import_module("fused_layer_norm_cuda")
+    except Exception:  # wrong `apex`, missing extension, or a broken install
+        return None
+    return fused
+
+
+def _missing(op: str, impl: str, x: torch.Tensor) -> str | None:
+    """Why `impl` cannot run `op` on tensors like x, or None if it can."""
+    if impl in ("torch", "sdpa"):
+        return None
+    if impl == "triton":
+        if not triton_installed():
+            return "the 'triton' package is not installed (pip install 'megalm[triton]')"
+        if x.device.type != "cuda" and not interpreting():
+            return (f"Triton kernels need a CUDA tensor (got {x.device.type}); CPU tensors run "
+                    "only under TRITON_INTERPRET=1, as in the tests")
+        if x.dtype not in TRITON_DTYPES:
+            return f"the Triton kernels take fp16/bf16/fp32, not {x.dtype}"
+        if op == "attention" and x.shape[-1] > TRITON_MAX_HEAD_DIM:
+            return f"head dim {x.shape[-1]} > {TRITON_MAX_HEAD_DIM}"
+        return None
+    if impl == "cuda":
+        if x.device.type != "cuda":
+            return f"the CUDA LayerNorm needs a CUDA tensor (got {x.device.type})"
+        from torch.utils.cpp_extension import CUDA_HOME
+        if CUDA_HOME is None:
+            return "no CUDA toolkit (nvcc) found to build the extension; set CUDA_HOME"
+        if x.dtype not in TRITON_DTYPES:
+            return f"the CUDA LayerNorm takes fp16/bf16/fp32, not {x.dtype}"
+        return None
+    if impl == "apex":
+        if apex_norms() is None:
+            return ("NVIDIA Apex with its CUDA extensions is not importable (build it from "
+                    "github.com/NVIDIA/apex or use an NGC container; PyPI 'apex' is another "
+                    "project)")
+        if op == "rms_norm" and not hasattr(apex_norms(), "fused_rms_norm_affine"):
+            return "this Apex build has no fused RMSNorm"
+        if x.device.type != "cuda":
+            return f"Apex kernels need a CUDA tensor (got {x.device.type})"
+        return None
+    raise AssertionError(impl)
+
+
+def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
+    default = "sdpa" if op == "attention" else "torch"
+    if x.device.type != "cuda":
+        return default, (f"auto on {x.device.type}: Triton kernels need CUDA; "
+                         "interpreter only in tests")
+    skipped = []
+    for impl in AUTO_ON_CUDA[op]:
+        why_not = _missing(op, impl, x)
+        if why_not is None:
+            reason = "auto on cuda: fastest available"
+            return impl, reason + (f" ({'; '.join(skipped)})" if skipped else "")
+        skipped.append(f"{impl} unavailable: {why_not}")
+    return default, "auto on cuda: " + "; ".join(skipped)
+
+
+def choose(op: str, impl: str, x: torch.Tensor) -> tuple[str, str]:
+    """(implementation, reason) that `op` with `impl` resolves to for tensors like x."""
+    if op not in IMPLS:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(IMPLS)}")
+    if impl == "auto":
+        return _auto(op, x)
+    if impl not in IMPLS[op]:
+        raise ValueError(f"{op}: unknown impl {impl!r}; expected 'auto' or one of {IMPLS[op]}")
+    why_not = _missing(op, impl, x)
+    if why_not is not None:
+        raise KernelUnavailable(f"{op}: impl={impl!r} cannot run: {why_not}")
+    return impl, "requested explicitly"
+
+
+def resolve(op: str, impl: str, x: torch.Tensor) -> str:
+    """choose(), logging the first time each (op, implementation) pair is used."""
+    name, reason = choose(op, impl, x)
+    if (op, name) not in _logged:
+        _logged.add((op, name))
+        log.info("%s: %s (%s)", op, name, reason)
+    return name

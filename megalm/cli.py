@@ -1,0 +1,157 @@
+"""The ``megalm`` command: train, prepare, generate, config show, quickstart, bench.
+
+Errors a user can fix (config, data, checkpoint) print one line saying what is wrong and exit
+non-zero (2 for config errors) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from megalm.config import CONFIG_DIR, ConfigError, load_config
+
+log = logging.getLogger("megalm")
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    prefix = "megalm" if "RANK" not in os.environ else f"megalm[{rank}]"
+    logging.basicConfig(level=level, format=f"{prefix}: %(message)s", stream=sys.stderr, force=True)
+    # DeepSpeed logs every engine detail at INFO; keep its warnings only.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def cmd_train(args) -> int:
+    from megalm.train.loop import train
+
+    summary = train(load_config(args.config, args.overrides))
+    if summary.run_dir and int(os.environ.get("RANK", "0")) == 0:
+        log.info("done: %d steps, %d tokens in %.0fs; val loss %.4f (ppl %.2f); checkpoint %s",
+                 summary.steps, summary.tokens, summary.wall_s, summary.val_loss, summary.val_ppl, summary.checkpoint)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from megalm.data.prepare import prepare
+
+    config, overrides = args.config, args.overrides
+    if config is not None and "=" in config:  # `megalm prepare data.source=...`: no run file given
+        config, overrides = None, [config, *overrides]
+    prepare(load_config(config, overrides).data, force=args.force)
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from megalm.generate import generate_text
+
+    text = generate_text(args.path, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+    print(text)
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    """Prepare python-stdlib, train the tiny model, report loss vs unigram entropy, sample."""
+    from megalm.generate import generate_text
+    from megalm.train.loop import train
+
+    t0 = time.time()
+    cfg = load_config(CONFIG_DIR / "quickstart.yaml", args.overrides)
+    summary = train(cfg)
+    prompt = "def main():\n    "
+    sample = generate_text(summary.run_dir, prompt, max_tokens=80, temperature=0.8, top_k=50, top_p=0.95, seed=0)
+    bits = 1 / 0.6931471805599453
+    print("\n" + "=" * 72)
+    print(f"quickstart finished in {time.time() - t0:.0f}s ({summary.steps} steps, {summary.tokens:,} tokens)")
+    print(f"  validation loss     {summary.val_loss:.3f} nats/token  (perplexity {summary.val_ppl:.1f})")
+    print(f"  unigram entropy     {summary.unigram_entropy_nats:.3f} nats/token  "
+          f"(a model that ignores context can do no better)")
+    print(f"  gain from context   {summary.unigram_entropy_nats - summary.val_loss:.3f} nats/token "
+          f"({(summary.unigram_entropy_nats - summary.val_loss) * bits:.2f} bits)")
+    print(f"  run dir             {summary.run_dir}  (metrics.jsonl, loss.png, checkpoints/)")
+    print(f"  sample (prompt {prompt!r}):\n" + "-" * 72 + f"\n{sample}\n" + "-" * 72)
+    print(f"more text: megalm generate {summary.run_dir} --prompt 'import os'")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "kernels":
+        from megalm.bench import kernels
+
+        return kernels.main(args.rest)
+    raise ConfigError(f"bench: unknown benchmark {args.what!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megalm", description="Pretrain GPT-style language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp, required=True):
+        sp.add_argument("config", nargs=None if required else "?", help="run YAML, e.g. configs/quickstart.yaml")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 model.n_layers=2")
+
+    sp = sub.add_parser("train", help="train a model (plain process, or under torchrun for data parallel)")
+    with_config(sp)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("prepare", help="train/load a tokenizer and write webdataset shards")
+    with_config(sp, required=False)
+    sp.add_argument("--force", action="store_true", help="replace an existing prepared directory")
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("config", help="inspect configs")
+    csub = sp.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the resolved config")
+    with_config(show)
+    show.set_defaults(func=cmd_config_show)
+
+    sp = sub.add_parser("generate", help="sample text from a run dir or checkpoint")
+    sp.add_argument("path", help="run dir, its checkpoints/ dir, or one checkpoint dir")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-tokens", type=int, default=100)
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    sp.add_argument("--top-k", type=int, default=50, help="0 disables")
+    sp.add_argument("--top-p", type=float, default=0.95, help="1.0 disables")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("quickstart", help="prepare python-stdlib, train the tiny model, sample from it")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides of configs/quickstart.yaml")
+    sp.set_defaults(func=cmd_quickstart)
+
+    sp = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
+    sp.add_argument("what", choices=["kernels"])
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
+    sp.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    from megalm.checkpoint.store import CheckpointError
+    from megalm.data.sources import DataError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"megalm: config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError) as e:
+        print(f"megalm: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The run configuration: a typed schema, YAML loading with model presets, dotted overrides.
+
+Every knob is a dataclass field with a default and a one-line help (``field(help=...)``). A run
+file may name a model preset (``model: tiny`` loads ``configs/model/tiny.yaml``; a mapping with
+``from: tiny`` loads the preset and then applies its own keys). Command-line overrides are
+``section.key=value`` strings parsed as YAML scalars. Everything is checked before any process
+group starts: unknown keys (with the closest valid name), wrong types, bad values and impossible
+combinations raise :class:`ConfigError` naming the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the key path; the CLI exits with code 2."""
+
+
+def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a default and one line of help."""
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: _fresh(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _fresh(value: Any) -> Any:
+    return dataclasses.replace(value) if dataclasses.is_dataclass(value) else type(value)(value)
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    attention: Literal["auto", "triton", "sdpa", "torch"] = field(
+        "auto", "attention implementation; auto picks the fastest available on the device")
+    norm: Literal["auto", "triton", "cuda", "apex", "torch"] = field(
+        "auto", "LayerNorm/RMSNorm implementation; auto picks the fastest available on the device")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field("custom", "a label for this architecture (set by presets)")
+    style: Literal["gpt2", "llama"] = field(
+        "gpt2", "gpt2: LayerNorm, learned positions, GELU, biases; llama: RMSNorm, RoPE, SwiGLU, no biases")
+    n_layers: int = field(4, "number of Transformer blocks")
+    d_model: int = field(256, "hidden size")
+    n_heads: int = field(4, "attention (query) heads")
+    n_kv_heads: int = field(0, "key/value heads for grouped-query attention; 0 means n_heads")
+    d_ff: int = field(0, "MLP hidden size; 0 means 4*d_model (gpt2) or 8/3*d_model rounded up to 64 (llama)")
+    vocab_size: int = field(0, "vocabulary size; 0 means the tokenizer's")
+    max_seq_len: int = field(0, "longest sequence the position embedding covers; 0 means data.seq_len")
+    tie_embeddings: bool = field(True, "share the input embedding and output head weights")
+    dropout: float = field(0.0, "dropout on attention output, MLP output and embeddings")
+    norm_eps: float = field(1e-5, "epsilon of LayerNorm/RMSNorm")
+    rope_theta: float = field(10000.0, "RoPE base (llama style)")
+    init_std: float = field(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
+    kernels: KernelsConfig = field(KernelsConfig(), "which kernel implements each op")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.style == "gpt2":
+            return 4 * self.d_model
+        return -(-int(8 * self.d_model / 3) // 64) * 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field("python-stdlib", "text to prepare: python-stdlib, a directory, or a glob of text files")
+    dir: str = field("data/python-stdlib", "where prepared shards, index.json and tokenizer.json live")
+    tokenizer: str = field("", "an existing tokenizer.json to use instead of training one")
+    vocab_size: int = field(8192, "vocabulary size of a newly trained byte-level BPE tokenizer")
+    val_fraction: float = field(0.02, "fraction of documents held out for validation")
+    shard_tokens: int = field(1_000_000, "target tokens per training shard")
+    streams: int = field(8, "independent data streams; global batch and DP size must divide into them")
+    seq_len: int = field(256, "tokens per training sequence")
+    num_workers: int = field(0, "data loader worker processes per rank")
+    eval_sequences: int = field(64, "validation sequences scored at each evaluation")
+    seed: int = field(1234, "seed of the document split and shuffling")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = field(0, "data-parallel size; 0 means world_size")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = field(
+        "offline", "wandb mode; online needs a configured API key")
+    project: str = field("megalm", "wandb project name")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = field("runs/quickstart", "everything the run writes goes here")
+    steps: int = field(200, "optimizer steps to train")
+    micro_batch_size: int = field(8, "sequences per rank per forward pass")
+    grad_accum: int = field(1, "micro-batches accumulated per optimizer step")
+    lr: float = field(1e-3, "peak learning rate")
+    min_lr: float = field(1e-4, "learning rate at the end of decay")
+    warmup_steps: int = field(20, "linear warmup steps")
+    schedule: Literal["cosine", "wsd", "constant"] = field(
+        "cosine", "decay after warmup: cosine, warmup-stable-decay, or constant")
+    decay_fraction: float = field(0.2, "wsd: fraction of steps spent in the final linear decay")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices (not on norms, biases)")
+    beta1: float = field(0.9, "AdamW beta1")
+    beta2: float = field(0.95, "AdamW beta2")
+    grad_clip: float = field(1.0, "clip the global gradient norm to this (0 disables)")
+    precision: Literal["fp32", "bf16"] = field("fp32", "training precision")
+    zero_stage: int = field(0, "DeepSpeed ZeRO stage 0-3")
+    seed: int = field(0, "seed of model init and dropout")
+    device: Literal["auto", "cpu", "cuda"] = field("auto", "auto uses CUDA when available")
+    log_every: int = field(10, "log metrics every N steps")
+    eval_every: int = field(100, "evaluate on the validation split every N steps (and at the end)")
+    save_every: int = field(0, "save a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = field(2, "how many recent checkpoints to keep")
+    resume: bool = field(True, "resume from run_dir's latest checkpoint when there is one")
+    progress: bool = field(True, "show a progress bar on rank 0")
+    wandb: WandbConfig = field(WandbConfig(), "Weights & Biases logging")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(ModelConfig(), "the Transformer")
+    data: DataConfig = field(DataConfig(), "preparing and streaming the corpus")
+    parallel: ParallelConfig = field(ParallelConfig(), "the parallel layout")
+    train: TrainConfig = field(TrainConfig(), "optimization, logging and checkpointing")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, section: str, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a run file (or the defaults when path is None), apply overrides, validate."""
+    raw: dict = {}
+    base_dir = CONFIG_DIR
+    if path is not None:
+        path = Path(path)
+        raw = _read_yaml(path)
+        base_dir = path.resolve().parent
+    raw = _expand_model_preset(raw, base_dir)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.steps=50")
+        if key == "model" and not value.startswith("{"):
+            raw = _expand_model_preset({**raw, "model": value}, base_dir)
+            continue
+        _set_dotted(raw, key.split("."), yaml.safe_load(value) if value != "" else "")
+    cfg = from_dict(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, parallel, train)")
+    return data
+
+
+def _expand_model_preset(raw: dict, base_dir: Path) -> dict:
+    """``model: NAME`` or ``model: {from: NAME, ...}`` -> the preset's keys, then the run's own."""
+    model = raw.get("model")
+    if isinstance(model, str):
+        model = {"from": model}
+    if not isinstance(model, dict) or "from" not in model:
+        return raw
+    name = model["from"]
+    candidates = [base_dir / "model" / f"{name}.yaml", CONFIG_DIR / "model" / f"{name}.yaml", Path(str(name))]
+    preset_path = next((p for p in candidates if p.is_file()), None)
+    if preset_path is None:
+        known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"model: no preset named {name!r}; known presets: {', '.join(known)}")
+    preset = _read_yaml(preset_path)
+    rest = {k: v for k, v in model.items() if k != "from"}
+    return {**raw, "model": {**preset, **rest}}
+
+
+def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {k} is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            raise ConfigError(f"{path}: unknown key{hint} (valid: {', '.join(fields)})")
+        values[key] = _coerce(hints[key], value, path)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{path}: unsupported field type {tp}")  # the schema uses none
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported field type {tp}")
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check values and combinations; with world_size, also the layout against the processes."""
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    positive = {
+        "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
+        "data.seq_len": d.seq_len, "data.streams": d.streams, "data.shard_tokens": d.shard_tokens,
+        "data.vocab_size": d.vocab_size, "train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every, "train.eval_every": t.eval_every,
+        "train.keep_checkpoints": t.keep_checkpoints, "data.eval_sequences": d.eval_sequences,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    non_negative = {"model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size,
+                    "model.max_seq_len": m.max_seq_len, "train.warmup_steps": t.warmup_steps,
+                    "train.save_every": t.save_every, "data.num_workers": d.num_workers, "parallel.dp": p.dp}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_kv_heads: model.n_heads={m.n_heads} is not divisible by n_kv_heads={m.kv_heads}")
+    if m.style == "llama" and m.head_dim % 2:
+        raise ConfigError(f"model: RoPE needs an even head dim, got d_model/n_heads={m.head_dim}")
+    if m.max_seq_len and m.max_seq_len < d.seq_len:
+        raise ConfigError(f"model.max_seq_len: {m.max_seq_len} is shorter than data.seq_len={d.seq_len}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if not 0.0 < d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
+    if d.vocab_size < 257:
+        raise ConfigError(f"data.vocab_size: a byte-level BPE needs at least 257 entries, got {d.vocab_size}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage: must be 0, 1, 2 or 3, got {t.zero_stage}")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: need 0 <= min_lr <= lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
+    if t.warmup_steps >= t.steps and t.schedule != "constant":
+        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} leaves no decay in train.steps={t.steps}")
+    if not 0.0 < t.decay_fraction <= 1.0:
+        raise ConfigError(f"train.decay_fraction: must be in (0, 1], got {t.decay_fraction}")
+    if world_size is not None:
+        validate_layout(cfg, world_size)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return cfg.parallel.dp or world_size
+
+
+def validate_layout(cfg: Config, world_size: int) -> None:
+    """The parallel layout against the number of processes, and the batch against the streams."""
+    dp = data_parallel_size(cfg, world_size)
+    if dp != world_size:
+        raise ConfigError(
+            f"parallel.dp: {dp} data-parallel ranks need {dp} processes, but {world_size} were started; "
+            f"start {dp} (torchrun --nproc_per_node={dp}) or set parallel.dp={world_size}")
+    streams, workers = cfg.data.streams, max(1, cfg.data.num_workers)
+    if streams % (dp * workers):
+        raise ConfigError(
+            f"data.streams: {streams} streams cannot be split evenly over dp={dp} ranks x {workers} loader "
+            f"workers; use a multiple of {dp * workers}")
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
+    if global_batch % streams:
+        raise ConfigError(
+            f"train.micro_batch_size: the global batch micro_batch_size*grad_accum*dp = {global_batch} "
+            f"sequences must be a multiple of data.streams={streams} (each stream feeds an equal share)")

@@ -1,0 +1,202 @@
+"""Streaming training batches from webdataset shards, with a state that resumes exactly.
+
+The training shards are dealt to ``S = data.streams`` independent streams (shard i -> stream
+i mod S). Each stream walks its shards in a seeded order per epoch, shuffles the documents of
+each shard with a seeded permutation, joins documents with end-of-text and cuts the token stream
+into sequences of ``seq_len + 1`` tokens. A stream's position is four integers
+``(epoch, shard, doc, token)``: where its next sequence starts.
+
+Every optimizer step takes the same number of sequences from every stream, ``global_batch / S``.
+Data-parallel rank r owns streams r, r+dp, r+2dp, ... and its loader workers split those. So the
+set of sequences in a step does not depend on the number of ranks or workers: one process and
+N processes see the same global batch, and a checkpoint of all stream positions resumes on any
+data-parallel size that divides S.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megalm.data.sources import DataError
+
+log = logging.getLogger("megalm.data")
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream's next sequence starts."""
+
+    epoch: int = 0
+    shard: int = 0  # index into this epoch's shard order
+    doc: int = 0  # index into the shard's shuffled documents
+    token: int = 0  # offset into that document (its tokens followed by end-of-text)
+
+
+def read_shard(path: Path, expected_samples: int) -> list[np.ndarray]:
+    """All documents of one tar shard; a corrupt or short shard is an error naming it."""
+    docs = []
+    # The streams already decide which rank and worker reads which shard, so webdataset's own
+    # node and worker splitting is switched off: it would hand this one shard to one worker only.
+    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+    try:
+        for sample in dataset:
+            docs.append(np.load(io.BytesIO(sample["tokens.npy"])))
+    except Exception as e:  # tarfile, numpy and webdataset raise assorted types
+        raise DataError(f"shard {path}: unreadable ({type(e).__name__}: {e}); re-run `megalm prepare`") from None
+    if len(docs) != expected_samples:
+        raise DataError(f"shard {path}: holds {len(docs)} documents, index.json says {expected_samples}; "
+                        f"the shard is truncated or was replaced; re-run `megalm prepare`")
+    return docs
+
+
+class Stream:
+    """One stream's walk over its shards, yielding (sequence, position after it)."""
+
+    def __init__(self, data_dir: Path, shards: list[dict], stream_id: int, seq_len: int, eot: int, seed: int):
+        if not shards:
+            raise DataError(f"{data_dir}: stream {stream_id} has no shards; prepare with more shards "
+                            f"(smaller data.shard_tokens) or use fewer data.streams")
+        self.data_dir, self.shards, self.id = data_dir, shards, stream_id
+        self.seq_len, self.eot, self.seed = seq_len, eot, seed
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.id, epoch]).permutation(len(self.shards))
+
+    def _documents(self, epoch: int, slot: int) -> list[np.ndarray]:
+        shard_index = int(self._shard_order(epoch)[slot])
+        shard = self.shards[shard_index]
+        docs = read_shard(self.data_dir / shard["name"], shard["samples"])
+        order = np.random.default_rng([self.seed, self.id, epoch, shard_index]).permutation(len(docs))
+        eot = np.array([self.eot])
+        return [np.concatenate([docs[i].astype(np.int64), eot]) for i in order]
+
+    def sequences(self, start: StreamPosition) -> Iterator[tuple[np.ndarray, StreamPosition]]:
+        need = self.seq_len + 1
+        pieces: list[np.ndarray] = []
+        have = 0
+        epoch, slot, doc, token = start.epoch, start.shard, start.doc, start.token
+        while True:
+            docs = self._documents(epoch, slot)
+            while doc < len(docs):
+                tokens = docs[doc]
+                while token < len(tokens):
+                    take = min(need - have, len(tokens) - token)
+                    pieces.append(tokens[token:token + take])
+                    have += take
+                    token += take
+                    if have == need:
+                        yield np.concatenate(pieces), self._next_start(epoch, slot, doc, token, docs)
+                        pieces, have = [], 0
+                doc, token = doc + 1, 0
+            slot, doc = slot + 1, 0
+            if slot == len(self.shards):
+                epoch, slot = epoch + 1, 0
+
+    def _next_start(self, epoch: int, slot: int, doc: int, token: int, docs: list) -> StreamPosition:
+        """The position just after (doc, token), carried over document, shard and epoch ends."""
+        if token == len(docs[doc]):
+            doc, token = doc + 1, 0
+        if doc == len(docs):
+            slot, doc = slot + 1, 0
+        if slot == len(self.shards):
+            epoch, slot = epoch + 1, 0
+        return StreamPosition(epoch, slot, doc, token)
+
+
+class _StepChunks(IterableDataset):
+    """Yields, for each step, one chunk per owned stream: (stream id, sequences, position after)."""
+
+    def __init__(self, streams: list[Stream], per_stream: int, positions: dict[int, StreamPosition]):
+        self.streams, self.per_stream, self.positions = streams, per_stream, positions
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = self.streams if info is None else self.streams[info.id::info.num_workers]
+        iters = [s.sequences(self.positions[s.id]) for s in mine]
+        while True:
+            for stream, it in zip(mine, iters):
+                seqs, pos = zip(*(next(it) for _ in range(self.per_stream)))
+                yield stream.id, torch.from_numpy(np.stack(seqs)), asdict(pos[-1])
+
+
+class TrainLoader:
+    """Per-rank iterator of training steps; each step is a (micro_batches, seq_len + 1) tensor list.
+
+    ``state_dict()`` holds the positions of this rank's streams after the last step handed out;
+    gather every rank's state (see ``merge_states``) for a checkpoint that any layout can resume.
+    """
+
+    def __init__(self, data_dir: str | Path, index: dict, *, seq_len: int, streams: int, dp_rank: int,
+                 dp_size: int, micro_batch_size: int, grad_accum: int, num_workers: int, seed: int,
+                 state: dict | None = None):
+        data_dir = Path(data_dir)
+        if len(index["train"]) < streams:
+            raise DataError(f"{data_dir}: {len(index['train'])} train shards cannot feed data.streams={streams}; "
+                            f"prepare with data.streams={streams} or use fewer streams")
+        self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
+        global_batch = micro_batch_size * grad_accum * dp_size
+        self.per_stream = global_batch // streams
+        self.owned = list(range(dp_rank, streams, dp_size))
+        self.positions = {s: StreamPosition(**(state or {}).get(str(s), {})) for s in self.owned}
+        shards_of = [[sh for i, sh in enumerate(index["train"]) if i % streams == s] for s in range(streams)]
+        self._streams = [Stream(data_dir, shards_of[s], s, seq_len, index["eot_id"], seed) for s in self.owned]
+        dataset = _StepChunks(self._streams, self.per_stream, dict(self.positions))
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                  persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+        self._chunks = iter(self._loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[torch.Tensor]:
+        chunks = {}
+        for _ in self.owned:
+            stream_id, seqs, pos = next(self._chunks)
+            chunks[stream_id] = seqs
+            self.positions[stream_id] = StreamPosition(**pos)
+        batch = torch.cat([chunks[s] for s in self.owned])
+        return list(batch.split(self.micro_batch_size))
+
+    def state_dict(self) -> dict:
+        return {str(s): asdict(p) for s, p in self.positions.items()}
+
+
+def merge_states(states: list[dict]) -> dict:
+    """Union of every rank's stream positions: the loader state a checkpoint stores."""
+    merged = {}
+    for state in states:
+        merged.update(state)
+    return merged
+
+
+def validation_sequences(data_dir: str | Path, index: dict, seq_len: int, count: int) -> torch.Tensor:
+    """The first ``count`` sequences of the validation split, in a fixed order (fewer if it is small)."""
+    data_dir = Path(data_dir)
+    need = seq_len + 1
+    tokens = []
+    have = 0
+    eot = np.array([index["eot_id"]])
+    for shard in index["val"]:
+        for doc in read_shard(data_dir / shard["name"], shard["samples"]):
+            tokens += [doc.astype(np.int64), eot]
+            have += len(doc) + 1
+            if have >= need * count:
+                break
+        if have >= need * count:
+            break
+    n = min(count, have // need)
+    if n == 0:
+        raise DataError(f"{data_dir}: the validation split has {have} tokens, fewer than one sequence of "
+                        f"{need}; raise data.val_fraction or lower data.seq_len")
+    if n < count:
+        log.warning("data: validation split holds only %d sequences of %d tokens (asked for %d)", n, need, count)
+    return torch.from_numpy(np.concatenate(tokens)[: n * need].reshape(n, need))

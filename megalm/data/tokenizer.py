@@ -1,0 +1,48 @@
+"""Byte-level BPE tokenizers with HF ``tokenizers``: train one on a corpus, or load a given file.
+
+Byte-level means every input byte has a token, so any text encodes without unknown tokens. The
+end-of-text token separates documents when they are packed into training sequences.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from megalm.data.sources import DataError
+
+EOT = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load tokenizer.json; a missing or corrupt file is a DataError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer file not found")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise DataError(f"{path}: not a valid HF tokenizers file ({e}); re-run `megalm prepare` or pass a good data.tokenizer") from None
+    if tok.token_to_id(EOT) is None:
+        raise DataError(f"{path}: tokenizer has no {EOT} token, which separates documents")
+    return tok
+
+
+def eot_id(tok: Tokenizer) -> int:
+    return tok.token_to_id(EOT)

@@ -1,0 +1,80 @@
+"""``megalm generate``: sample text from a checkpoint with temperature, top-k and top-p.
+
+The checkpoint carries its resolved config (meta.json), so the model is rebuilt exactly; the
+tokenizer is the one the run copied into its run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from megalm.checkpoint import store
+from megalm.config import ModelConfig, from_dict
+from megalm.data.tokenizer import eot_id, load_tokenizer
+from megalm.model.transformer import Transformer
+
+log = logging.getLogger("megalm")
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Path]:
+    """The model of a run dir's latest checkpoint (or of one checkpoint dir), in eval mode."""
+    ckpt = store.resolve(path)
+    meta = store.verify(ckpt)
+    model_cfg = from_dict(ModelConfig, meta["config"]["model"], "model")
+    model = Transformer(model_cfg)
+    model.load_state_dict(store.load_model_state(ckpt))
+    return model.to(device).eval(), ckpt
+
+
+def tokenizer_for(ckpt: Path):
+    run_dir = ckpt.parent.parent
+    return load_tokenizer(run_dir / "tokenizer.json")
+
+
+@torch.no_grad()
+def sample(model: Transformer, prompt_ids: list[int], *, max_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_id: int | None = None) -> list[int]:
+    """Autoregressive sampling; temperature 0 is greedy. Returns the new token ids."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token of text")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.tensor([prompt_ids], device=device)
+    out: list[int] = []
+    for _ in range(max_tokens):
+        logits = model(ids[:, -model.cfg.max_seq_len:])[0, -1].float()
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            probs = filter_probs(torch.softmax(logits / temperature, dim=-1), top_k, top_p)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        if nxt == stop_id:
+            break
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    return out
+
+
+def filter_probs(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the k most likely tokens and the smallest set whose mass reaches top_p; renormalize."""
+    sorted_p, order = probs.sort(descending=True)
+    keep = torch.ones_like(sorted_p, dtype=torch.bool)
+    if top_k > 0:
+        keep[top_k:] = False
+    if top_p < 1.0:
+        # a token stays if the mass before it is still below top_p (so the top token always stays)
+        keep &= (sorted_p.cumsum(0) - sorted_p) < top_p
+    filtered = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
+    return filtered / filtered.sum()
+
+
+def generate_text(path: str | Path, prompt: str, *, max_tokens: int = 100, temperature: float = 0.8,
+                  top_k: int = 50, top_p: float = 0.95, seed: int = 0, device: str = "cpu") -> str:
+    model, ckpt = load_model(path, device)
+    tok = tokenizer_for(ckpt)
+    new = sample(model, tok.encode(prompt).ids, max_tokens=max_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seed=seed, stop_id=eot_id(tok))
+    return prompt + tok.decode(new)

@@ -1,0 +1,132 @@
+"""Where training metrics go: metrics.jsonl, the console progress bar, wandb, and loss.png.
+
+Only rank 0 writes. wandb is optional: used when installed and ``train.wandb.mode`` is not
+``disabled``, offline unless the user asks for online.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from megalm.config import Config
+
+log = logging.getLogger("megalm")
+
+
+class MetricsSink:
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and mirrors it to wandb."""
+
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = _start_wandb(cfg, run_dir) if enabled else None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(cfg: Config, run_dir: Path):
+    if cfg.train.wandb.mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log.info("wandb: not installed; metrics go to metrics.jsonl only (pip install 'megalm[wandb]')")
+        return None
+    mode = cfg.train.wandb.mode
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path.home().joinpath(".netrc").exists()):
+        log.warning("wandb: online mode asked for but no API key is configured; logging offline")
+        mode = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=cfg.train.wandb.project, dir=str(run_dir), mode=mode, config=cfg.to_dict(),
+                     name=run_dir.name, resume="allow")
+    log.info("wandb: logging %s to %s", mode, run_dir / "wandb")
+    return run
+
+
+class ProgressBar:
+    """A console bar with step, loss, lr, tokens/s and ETA (rank 0, when train.progress is on)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), refresh_per_second=4)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tokens_per_s:,.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """loss.png: training loss per logged step, validation loss per evaluation."""
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+class Throughput:
+    """Tokens per second over the steps since the last report."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        self.t0, self.tokens = now, 0
+        return rate

@@ -1,0 +1,63 @@
+"""Config: presets, overrides, and every kind of bad input failing with the key path."""
+
+import pytest
+
+from megalm.config import ConfigError, load_config, validate
+from megalm.cli import main
+from tests.helpers import REPO
+
+
+def test_quickstart_resolves_preset_and_overrides():
+    cfg = load_config(REPO / "configs/quickstart.yaml", ["train.steps=50", "model.n_layers=2"])
+    assert cfg.model.name == "tiny" and cfg.model.n_layers == 2 and cfg.train.steps == 50
+    assert cfg.model.d_model == 192  # from configs/model/tiny.yaml
+
+
+def test_every_model_preset_loads():
+    for preset in ["tiny", "gpt2-125m", "gpt2-350m", "gpt-1.3b", "llama-7b", "llama-tiny"]:
+        cfg = load_config(None, [f"model={preset}"])
+        assert cfg.model.name == preset
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.stpes=5"], "train.stpes: unknown key; did you mean train.steps?"),
+    (["modle.n_layers=2"], "modle: unknown key; did you mean model?"),
+    (["train.steps=many"], "train.steps: expected an integer, got 'many'"),
+    (["train.zero_stage=4"], "train.zero_stage: must be 0, 1, 2 or 3"),
+    (["model.style=bert"], "model.style: 'bert' is not one of"),
+    (["model.n_heads=6", "model.n_kv_heads=4"], "model.n_kv_heads: model.n_heads=6 is not divisible by n_kv_heads=4"),
+    (["model.d_model=100", "model.n_heads=3"], "model.d_model: 100 is not divisible by model.n_heads=3"),
+    (["train.lr=-1"], "train.min_lr"),
+    (["train.steps"], "expected key.path=value"),
+    (["model=nosuch"], "model: no preset named 'nosuch'"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("(", r"\(")):
+        load_config(REPO / "configs/quickstart.yaml", override)
+
+
+def test_layout_needs_processes_and_divisible_batch():
+    cfg = load_config(REPO / "configs/quickstart.yaml", ["parallel.dp=4"])
+    with pytest.raises(ConfigError, match="parallel.dp: 4 data-parallel ranks need 4 processes, but 1 were started"):
+        validate(cfg, world_size=1)
+    cfg = load_config(REPO / "configs/quickstart.yaml", ["train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match="must be a multiple of data.streams=8"):
+        validate(cfg, world_size=1)
+
+
+def test_cli_exit_code_2_and_one_line(capsys, tmp_path):
+    assert main(["config", "show", str(REPO / "configs/quickstart.yaml"), "train.stpes=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["megalm: config error: train.stpes: unknown key; did you mean train.steps? "
+                   "(valid: " + err[0].split("(valid: ")[1]]
+    # a layout that needs more processes than exist fails before any process group or run dir
+    run_dir = tmp_path / "run"
+    assert main(["train", str(REPO / "configs/quickstart.yaml"), "parallel.dp=2", f"train.run_dir={run_dir}"]) == 2
+    assert "parallel.dp: 2 data-parallel ranks need 2 processes" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_config_show_prints_resolved_yaml(capsys):
+    assert main(["config", "show", str(REPO / "configs/quickstart.yaml"), "model.n_layers=3"]) == 0
+    out = capsys.readouterr().out
+    assert "n_layers: 3" in out and "name: tiny" in out and "zero_stage: 0" in out
