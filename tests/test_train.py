@@ -42,6 +42,9 @@ def test_run_dir_has_everything(single_run):
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s"} <= set(r)
         assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
     assert steps[-1]["tokens"] == 6 * 4 * 32
+    # the logged lr is the one the step used: linear warmup over 2 steps to 3e-3, then cosine down
+    assert [r["lr"] for r in steps[:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])
+    assert steps[-1]["lr"] == pytest.approx(2e-4)
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [3, 6]
     assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))

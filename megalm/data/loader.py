@@ -178,20 +178,23 @@ def merge_states(states: list[dict]) -> dict:
     return merged
 
 
+VAL_TOKEN_CAP = 16_000_000  # validation sequences are drawn from at most this many tokens
+
+
 def validation_sequences(data_dir: str | Path, index: dict, seq_len: int, count: int) -> torch.Tensor:
-    """The first ``count`` sequences of the validation split, in a fixed order (fewer if it is small)."""
+    """``count`` sequences spread evenly over the validation split (fewer if it is small).
+
+    Spreading them matters: the first few documents alone are not a fair sample of the corpus.
+    """
     data_dir = Path(data_dir)
     need = seq_len + 1
-    tokens = []
-    have = 0
-    eot = np.array([index["eot_id"]])
+    pieces, have = [], 0
+    eot = np.array([index["eot_id"]], dtype=np.int32)
     for shard in index["val"]:
         for doc in read_shard(data_dir / shard["name"], shard["samples"]):
-            tokens += [doc.astype(np.int64), eot]
+            pieces += [doc.astype(np.int32), eot]
             have += len(doc) + 1
-            if have >= need * count:
-                break
-        if have >= need * count:
+        if have >= VAL_TOKEN_CAP:
             break
     n = min(count, have // need)
     if n == 0:
@@ -199,4 +202,6 @@ def validation_sequences(data_dir: str | Path, index: dict, seq_len: int, count:
                         f"{need}; raise data.val_fraction or lower data.seq_len")
     if n < count:
         log.warning("data: validation split holds only %d sequences of %d tokens (asked for %d)", n, need, count)
-    return torch.from_numpy(np.concatenate(tokens)[: n * need].reshape(n, need))
+    tokens = np.concatenate(pieces)
+    starts = np.linspace(0, len(tokens) - need, n).astype(np.int64)
+    return torch.from_numpy(np.stack([tokens[s:s + need] for s in starts]).astype(np.int64))

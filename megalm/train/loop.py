@@ -123,6 +123,7 @@ def train(cfg: Config) -> Summary:
     while step < t.steps:
         step_start = time.perf_counter()
         logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        lr = engine.get_lr()[0]  # this step's; the scheduler advances inside the last engine.step()
         for micro in next(loader):
             micro = micro.to(world.device, non_blocking=True)
             loss = engine(micro[:, :-1], micro[:, 1:])
@@ -140,7 +141,6 @@ def train(cfg: Config) -> Summary:
             loss_value = all_reduce_mean(torch.stack(interval_losses).mean().item(), world.device)
             interval_losses.clear()
             tokens_per_s = throughput.rate()
-            lr = engine.get_lr()[0]
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is None:
                 grad_norm = own_grad_norm

@@ -1,0 +1,153 @@
+"""Shared plumbing for `megalm bench ...`: device facts, measured ceilings, timing, result files.
+
+Every benchmark writes benchmarks/results/<device-slug>/<name>.json (+ .md table, + .png plot)
+stamped with the device name, torch/triton versions and git commit, and reports its numbers as
+fractions of two ceilings measured in the same run: the bf16 matmul rate and the device-to-device
+copy bandwidth (bytes read + bytes written).
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.processor() or platform.machine()}".strip()
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_commit() -> str:
+    """HEAD of the checkout we run from, '+dirty' when it has local changes. MEGALM_GIT_COMMIT
+    overrides it (a copy of the tree without .git, as on a lent GPU machine); else 'unknown'."""
+    if os.environ.get("MEGALM_GIT_COMMIT"):
+        return os.environ["MEGALM_GIT_COMMIT"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def device_info(device: torch.device) -> dict:
+    info = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["sm_count"] = props.multi_processor_count
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def bench_ms(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds per call of fn(). On a GPU: triton's do_bench (CUDA events, cache
+    flushed between calls); on CPU: wall clock after one warm-up call."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def matmul_tflops(device: torch.device, n: int, dtype=torch.bfloat16) -> float:
+    """Dense n×n×n matmul rate on random data (zeros run faster than real data on some GPUs)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = bench_ms(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def copy_gbps(device: torch.device, nbytes: int) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
+    """The two rates every kernel is compared against, measured now on this device."""
+    gpu = device.type == "cuda"
+    n = 8192 if gpu else (256 if quick else 1024)
+    nbytes = 2**30 if gpu else (2**24 if quick else 2**28)
+    return {"matmul_bf16_tflops": matmul_tflops(device, n), "matmul_n": n,
+            "copy_gbps": copy_gbps(device, nbytes), "copy_bytes": nbytes}
+
+
+def results_dir(device: torch.device, out: str | None = None) -> Path:
+    """--out if given, else benchmarks/results/<device-slug> under the current directory."""
+    path = Path(out) if out else Path("benchmarks") / "results" / device_slug(device_name(device))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """columns: (key in row, header). Missing keys print as an em dash."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join(" --- " for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, name: str, meta: dict, rows: list[dict],
+                  columns: list[tuple[str, str]], plot=None) -> dict[str, Path]:
+    """<name>.json (meta + rows), <name>.md (header + table), <name>.png if plot(rows, path)."""
+    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    header = [f"# {name} on {meta['device']}", ""]
+    header += [f"- {k}: {_cell(v)}" for k, v in meta.items() if not isinstance(v, (dict, list))]
+    for key, value in meta.items():
+        if isinstance(value, dict):
+            header.append(f"- {key}: " + ", ".join(f"{k}={_cell(v)}" for k, v in value.items()))
+        elif isinstance(value, list) and value:
+            header.append(f"- {key}: " + "; ".join(map(str, value)))
+    paths["md"].write_text("\n".join(header) + "\n\n" + markdown_table(rows, columns) + "\n")
+    if plot is not None:
+        paths["png"] = out_dir / f"{name}.png"
+        plot(rows, paths["png"], meta)
+    return paths
