@@ -76,3 +76,5 @@ def _check_attention(q, k, v):
     if (b, t, d) != (bk, tk, dk) or hq % hkv != 0:
         raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree: batch, length "
                          "and head dim must match and Hq must be a multiple of Hkv")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")

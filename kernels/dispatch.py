@@ -22,11 +22,13 @@ IMPLS = {
     "layer_norm": ("triton", "cuda", "apex", "torch"),
     "rms_norm": ("triton", "apex", "torch"),
 }
-# What "auto" tries on a CUDA device, best first. Triton leads on the strength of the anchors
-# (fused norms reach ~87% of HBM bandwidth where torch eager does not; SDPA's flash/cuDNN
-# attention is the fallback). Reorder from benchmarks/results/<device>/kernels.md once measured.
+# What "auto" tries on a CUDA device, best first. Nothing here has been measured on a GPU yet
+# (benchmarks/results/ holds no GPU table): norms lead with Triton on the strength of the anchors
+# (fused norms reach ~87% of HBM bandwidth where torch eager does not); attention leads with SDPA,
+# whose flash/cuDNN backends beat the Triton tutorial kernel in the published figures. Reorder
+# from benchmarks/results/<device>/kernels.md once measured.
 AUTO_ON_CUDA = {
-    "attention": ("triton", "sdpa"),
+    "attention": ("sdpa", "triton"),
     "layer_norm": ("triton", "torch"),
     "rms_norm": ("triton", "torch"),
 }
@@ -108,7 +110,7 @@ def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
     for impl in AUTO_ON_CUDA[op]:
         why_not = _missing(op, impl, x)
         if why_not is None:
-            reason = "auto on cuda: fastest available"
+            reason = "auto on cuda: first available of " + " > ".join(AUTO_ON_CUDA[op])
             return impl, reason + (f" ({'; '.join(skipped)})" if skipped else "")
         skipped.append(f"{impl} unavailable: {why_not}")
     return default, "auto on cuda: " + "; ".join(skipped)

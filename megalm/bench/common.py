@@ -34,11 +34,12 @@ def git_commit() -> str:
     overrides it (a copy of the tree without .git, as on a lent GPU machine); else 'unknown'."""
     if os.environ.get("MEGALM_GIT_COMMIT"):
         return os.environ["MEGALM_GIT_COMMIT"]
+    here = Path(__file__).resolve().parent  # the checkout this code runs from, not the cwd
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+                                check=True, cwd=here).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+                               capture_output=True, text=True, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")

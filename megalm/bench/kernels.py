@@ -69,7 +69,7 @@ def attention_flops(b, hq, t, d, causal, mode):
     return forward * (3.5 if mode == "fwd+bwd" else 1.0)  # backward = 2.5 × forward
 
 
-def attention_impls(args, device, t):
+def attention_impls(args, t):
     impls = ["sdpa", "torch"] if args.quick else ["triton", "sdpa", "torch"]
     impls = [i for i in impls if i != "torch" or t <= REFERENCE_MAX_SEQ]
     return _selected(impls, args)
@@ -84,7 +84,7 @@ def bench_attention(args, device, dtype):
                 for _ in range(2))
         do = torch.randn_like(q)
         shape = f"B{b} H{hq}/{hkv} T{t} D{d}" + (" causal" if causal else "")
-        for impl in attention_impls(args, device, t):
+        for impl in attention_impls(args, t):
             for mode in ("fwd", "fwd+bwd"):
                 fn = _attention_call(q, k, v, do, causal, impl, mode)
                 ms = _time(fn, device, f"attention {impl} {mode} {shape}")
@@ -133,7 +133,7 @@ def norm_bytes(op, rows, n, itemsize, mode):
     return {"fwd": fwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def norm_impls(args, device, op):
+def norm_impls(args, op):
     if args.quick:
         impls = ["torch"]
     else:
@@ -173,7 +173,7 @@ def bench_norms(args, device, dtype):
         w = torch.randn(n, device=device, dtype=dtype, generator=g)
         b = torch.randn(n, device=device, dtype=dtype, generator=g)
         for op in NORM_OPS:
-            for impl in norm_impls(args, device, op):
+            for impl in norm_impls(args, op):
                 fn = _norm_fn(op, impl)
                 for mode in ("fwd", "fwd+bwd"):
                     call = _norm_call(fn, x, r, w, b, dy, mode)
@@ -263,7 +263,7 @@ def plot(rows, path, meta):
         for label, points in sorted(series.items()):
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=label)
-        ax.axhline(ceiling, color="grey", linestyle="--", label=f"measured ceiling {ceiling:.0f}")
+        ax.axhline(ceiling, color="grey", linestyle="--", label=f"measured ceiling {ceiling:.3g}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(x_key)
         ax.set_ylabel(f"{unit} (forward + backward)")
