@@ -99,7 +99,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    dp: int = field(0, "data-parallel size; 0 means world_size")
+    tp: int = field(1, "tensor-parallel size: ranks splitting each layer's heads and MLP (keep inside a node)")
+    pp: int = field(1, "pipeline-parallel size: stages of consecutive layers (1F1B over micro-batches)")
+    dp: int = field(0, "data-parallel size; 0 means world_size / (tp * pp)")
+    sequence_parallel: bool = field(False, "shard activations outside the tensor-parallel matmuls along the sequence")
+    activation_checkpointing: Literal["none", "full", "selective"] = field(
+        "none", "recompute in backward: whole blocks (full) or the attention core only (selective)")
+    pp_partition: Literal["parameters", "uniform"] = field(
+        "parameters", "how layers are assigned to pipeline stages: balance parameters, or equal layer counts")
 
 
 @dataclass(frozen=True)
@@ -292,6 +299,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     non_negative = {"model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size,
                     "model.max_seq_len": m.max_seq_len, "train.warmup_steps": t.warmup_steps,
                     "train.save_every": t.save_every, "data.num_workers": d.num_workers, "parallel.dp": p.dp}
+    for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp}.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
@@ -317,21 +327,57 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} leaves no decay in train.steps={t.steps}")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction: must be in (0, 1], got {t.decay_fraction}")
+    _validate_model_split(cfg)
     if world_size is not None:
         validate_layout(cfg, world_size)
 
 
+def _validate_model_split(cfg: Config) -> None:
+    """What tensor and pipeline parallelism need of the model, whatever the number of processes."""
+    m, p = cfg.model, cfg.parallel
+    if m.n_heads % p.tp:
+        raise ConfigError(f"parallel.tp: model.n_heads={m.n_heads} is not divisible by tp={p.tp}")
+    if m.kv_heads % p.tp and p.tp % m.kv_heads:
+        raise ConfigError(f"parallel.tp: model.n_kv_heads={m.kv_heads} must divide or be divisible by tp={p.tp} "
+                          f"(kv heads are split over ranks, or replicated when fewer than ranks)")
+    if m.ffn_dim % p.tp:
+        raise ConfigError(f"parallel.tp: the MLP hidden size {m.ffn_dim} is not divisible by tp={p.tp}")
+    if m.vocab_size and m.vocab_size % p.tp:
+        raise ConfigError(f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tp={p.tp}")
+    if VOCAB_MULTIPLE % p.tp:
+        raise ConfigError(f"parallel.tp: {p.tp} must divide {VOCAB_MULTIPLE} (the vocabulary is padded to a multiple of it)")
+    if p.sequence_parallel and cfg.data.seq_len % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} is not divisible by tp={p.tp}")
+    if p.pp > 1:
+        if m.n_layers < p.pp:
+            raise ConfigError(f"parallel.pp: {p.pp} pipeline stages need at least {p.pp} layers; model.n_layers={m.n_layers}")
+        if cfg.train.zero_stage == 0 and cfg.train.grad_clip > 0 and m.tie_embeddings:
+            raise ConfigError(
+                f"train.zero_stage: with parallel.pp={p.pp}, tied embeddings and gradient clipping use ZeRO stage 1: "
+                f"DeepSpeed's stage-0 pipeline path counts the tied embedding's gradient twice in the clipping norm")
+        if cfg.train.zero_stage > 1:
+            raise ConfigError(f"train.zero_stage: ZeRO stage {cfg.train.zero_stage} cannot be combined with "
+                              f"parallel.pp={p.pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
+
+
+VOCAB_MULTIPLE = 128  # the model's vocabulary is the tokenizer's rounded up to this (fast matmuls, TP splits)
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return cfg.parallel.dp or world_size
+    return cfg.parallel.dp or world_size // (cfg.parallel.tp * cfg.parallel.pp)
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:
     """The parallel layout against the number of processes, and the batch against the streams."""
+    p = cfg.parallel
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(f"parallel: tp={p.tp} x pp={p.pp} does not divide the {world_size} processes started")
     dp = data_parallel_size(cfg, world_size)
-    if dp != world_size:
+    if dp * p.tp * p.pp != world_size:
+        need = dp * p.tp * p.pp
         raise ConfigError(
-            f"parallel.dp: {dp} data-parallel ranks need {dp} processes, but {world_size} were started; "
-            f"start {dp} (torchrun --nproc_per_node={dp}) or set parallel.dp={world_size}")
+            f"parallel.dp: tp={p.tp} x pp={p.pp} x dp={dp} needs {need} processes, but {world_size} were started; "
+            f"start {need} (torchrun --nproc_per_node={need}) or leave parallel.dp=0")
     streams, workers = cfg.data.streams, max(1, cfg.data.num_workers)
     if streams % (dp * workers):
         raise ConfigError(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from megalm.checkpoint import store
+from megalm.checkpoint.consolidate import full_model_state
 from megalm.config import ModelConfig, from_dict
 from megalm.data.tokenizer import eot_id, load_tokenizer
 from megalm.model.transformer import Transformer
@@ -25,7 +26,8 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Path
     meta = store.verify(ckpt)
     model_cfg = from_dict(ModelConfig, meta["config"]["model"], "model")
     model = Transformer(model_cfg)
-    model.load_state_dict(store.load_model_state(ckpt))
+    model.load_state_dict(full_model_state(ckpt, model_cfg, meta["config"]["parallel"],
+                                           meta["config"]["train"]["zero_stage"]))
     return model.to(device).eval(), ckpt
 
 

@@ -18,3 +18,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---- shared training fixtures (session-scoped: each is a real, separately launched run)
+from tests.helpers import CONFIG, TINY, make_corpus, run_megalm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small real corpus, prepared once: 24 standard-library modules, vocab 512, 4 streams."""
+    root = tmp_path_factory.mktemp("train")
+    corpus = make_corpus(root / "corpus")
+    out = root / "prepared"
+    run_megalm("prepare", CONFIG, *TINY, f"data.source={corpus}", f"data.dir={out}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def single_run(data_dir, tmp_path_factory):
+    """The reference: one plain process, 6 steps, checkpoints at 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    run_megalm("train", CONFIG, *TINY, f"data.dir={data_dir}", f"train.run_dir={run_dir}",
+               "train.steps=6", "train.save_every=3", "train.eval_every=3")
+    return run_dir

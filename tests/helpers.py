@@ -16,6 +16,7 @@ from pathlib import Path
 from megalm.data.sources import python_stdlib_root
 
 REPO = Path(__file__).resolve().parent.parent
+CONFIG = "configs/quickstart.yaml"
 CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py", "bisect.py", "heapq.py", "glob.py",
                 "keyword.py", "stat.py", "string.py", "numbers.py", "abc.py", "copy.py", "queue.py",
                 "sched.py", "this.py", "token.py", "struct.py", "getopt.py", "base64.py", "random.py",

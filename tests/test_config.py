@@ -38,7 +38,7 @@ def test_bad_config_names_the_key(override, message):
 
 def test_layout_needs_processes_and_divisible_batch():
     cfg = load_config(REPO / "configs/quickstart.yaml", ["parallel.dp=4"])
-    with pytest.raises(ConfigError, match="parallel.dp: 4 data-parallel ranks need 4 processes, but 1 were started"):
+    with pytest.raises(ConfigError, match="parallel.dp: tp=1 x pp=1 x dp=4 needs 4 processes, but 1 were started"):
         validate(cfg, world_size=1)
     cfg = load_config(REPO / "configs/quickstart.yaml", ["train.micro_batch_size=3"])
     with pytest.raises(ConfigError, match="must be a multiple of data.streams=8"):
@@ -53,7 +53,7 @@ def test_cli_exit_code_2_and_one_line(capsys, tmp_path):
     # a layout that needs more processes than exist fails before any process group or run dir
     run_dir = tmp_path / "run"
     assert main(["train", str(REPO / "configs/quickstart.yaml"), "parallel.dp=2", f"train.run_dir={run_dir}"]) == 2
-    assert "parallel.dp: 2 data-parallel ranks need 2 processes" in capsys.readouterr().err
+    assert "parallel.dp: tp=1 x pp=1 x dp=2 needs 2 processes" in capsys.readouterr().err
     assert not run_dir.exists()
 
 

@@ -38,16 +38,33 @@ def test_loss_at_init_is_near_uniform_and_shapes(style):
     assert model(ids).shape == (3, 16, 97)
     loss = model(ids[:, :-1], ids[:, 1:])
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.1
-    assert (model.head.weight is model.tok_emb.weight) == cfg.tie_embeddings
+    assert (model.head is None) == cfg.tie_embeddings  # tied: the embedding matrix is the head
     # depth-scaled init on residual projections
     std = model.blocks[0].attn.out.weight.std().item()
     assert 0.5 * 0.02 / 2 < std < 1.5 * 0.02 / 2  # 0.02 / sqrt(2 * n_layers)
 
 
 def test_grouped_query_attention_has_fewer_kv_weights():
-    mha = Transformer(tiny("llama", n_kv_heads=4)).blocks[0].attn.qkv.weight.shape[0]
-    gqa = Transformer(tiny("llama", n_kv_heads=1)).blocks[0].attn.qkv.weight.shape[0]
-    assert (mha, gqa) == (64 * 3, 64 + 2 * 16)
+    mha = Transformer(tiny("llama", n_kv_heads=4)).blocks[0].attn.kv.weight.shape[0]
+    gqa = Transformer(tiny("llama", n_kv_heads=1)).blocks[0].attn.kv.weight.shape[0]
+    assert (mha, gqa) == (2 * 64, 2 * 16)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_parameter_count_formula_matches_the_model(style):
+    from megalm.model.transformer import parameter_count
+
+    cfg = tiny(style)
+    assert parameter_count(cfg) == sum(p.numel() for p in Transformer(cfg).parameters())
+
+
+def test_init_depends_only_on_seed_and_layer():
+    a = Transformer(tiny("llama"), seed=3)
+    b = Transformer(tiny("llama", n_layers=3), seed=3)  # one more block: earlier layers unchanged
+    c = Transformer(tiny("llama"), seed=4)
+    torch.testing.assert_close(a.blocks[1].mlp.up.weight, b.blocks[1].mlp.up.weight, rtol=0, atol=0)
+    assert not torch.equal(a.blocks[1].mlp.up.weight, c.blocks[1].mlp.up.weight)
+    assert not torch.equal(a.blocks[0].mlp.up.weight, a.blocks[1].mlp.up.weight)
 
 
 def test_top_k_and_top_p_filtering():

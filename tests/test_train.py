@@ -11,27 +11,7 @@ import torch
 from megalm.checkpoint import store
 from megalm.data.prepare import read_index
 from megalm.generate import load_model
-from tests.helpers import TINY, make_corpus, metrics, run_megalm, torchrun, train_losses
-
-CONFIG = "configs/quickstart.yaml"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    corpus = make_corpus(root / "corpus")
-    out = root / "prepared"
-    run_megalm("prepare", CONFIG, *TINY, f"data.source={corpus}", f"data.dir={out}")
-    return out
-
-
-@pytest.fixture(scope="module")
-def single_run(data_dir, tmp_path_factory):
-    """One plain process: 6 steps, checkpoints at 3 and 6."""
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    run_megalm("train", CONFIG, *TINY, f"data.dir={data_dir}", f"train.run_dir={run_dir}",
-               "train.steps=6", "train.save_every=3", "train.eval_every=3")
-    return run_dir
+from tests.helpers import CONFIG, TINY, metrics, run_megalm, torchrun, train_losses
 
 
 def test_run_dir_has_everything(single_run):

@@ -20,7 +20,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 log = logging.getLogger("megalm.checkpoint")
@@ -142,12 +141,3 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no complete checkpoint found (expected a run dir, its checkpoints/ "
                           f"or a {PREFIX}N directory with {META})")
 
-
-def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The full (unsharded) fp32 model weights of a checkpoint, whatever its ZeRO stage."""
-    if any(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}

@@ -1,35 +1,41 @@
-"""The pieces of a Transformer block: norms, rotary embeddings, attention, MLP.
+"""The layers of the Transformer, each one tensor-parallel and each one a pipeline stage's unit.
 
-Norms and the attention core go through ``megalm_kernels``, which picks the implementation
-(Triton, CUDA, Apex, SDPA or plain torch) from ``model.kernels`` and the device.
+The model is the sequence ``Embedding, Block x n_layers, FinalNorm, Head`` (see
+``transformer.py``). With tensor parallelism (``TPContext``) attention runs on a slice of the
+heads and the MLP on a slice of its hidden dim; with tp = 1 every collective is skipped and these
+are ordinary layers. Norms and the attention core go through ``megalm_kernels``, which picks the
+implementation (Triton, CUDA, Apex, SDPA or plain torch) from ``model.kernels`` and the device.
 """
 
 from __future__ import annotations
-
-import math
 
 import megalm_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
+from megalm.parallel.tensor_parallel import (
+    ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding, init_layer, parameter,
+    residual_std, vocab_parallel_cross_entropy)
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt2 style, with bias) or RMSNorm (llama style)."""
+    """LayerNorm (gpt2 style, with bias) or RMSNorm (llama style), on replicated activations."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
         self.rms = cfg.style == "llama"
-        self.eps, self.impl = cfg.norm_eps, cfg.kernels.norm
-        self.weight = nn.Parameter(torch.ones(cfg.d_model))
-        self.bias = None if self.rms else nn.Parameter(torch.zeros(cfg.d_model))
+        self.eps, self.impl, self.tp = cfg.norm_eps, cfg.kernels.norm, tp
+        self.weight = parameter((cfg.d_model,), None)
+        self.bias = None if self.rms else parameter((cfg.d_model,), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.tp.replicated(self.weight)
         if self.rms:
-            return megalm_kernels.rms_norm(x, self.weight, self.eps, impl=self.impl)
-        return megalm_kernels.layer_norm(x, self.weight, self.bias, self.eps, impl=self.impl)
+            return megalm_kernels.rms_norm(x, weight, self.eps, impl=self.impl)
+        return megalm_kernels.layer_norm(x, weight, self.tp.replicated(self.bias), self.eps, impl=self.impl)
 
 
 class Rotary(nn.Module):
@@ -52,47 +58,85 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads)."""
+    """Causal self-attention with grouped-query heads, split by heads over tensor-parallel ranks.
 
-    def __init__(self, cfg: ModelConfig, rotary: Rotary | None):
+    Query heads are always split. Key/value heads are split too when there are at least as many
+    as ranks; otherwise (e.g. multi-query attention) every rank holds all of them, computes them,
+    and uses the one its query heads share.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
         bias = cfg.style == "gpt2"
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=bias)
-        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
-        self.out.is_residual_projection = True
-        self.rotary = rotary
+        self.tp, self.impl, self.head_dim = tp, cfg.kernels.attention, cfg.head_dim
+        self.local_heads = cfg.n_heads // tp.size
+        self.split_kv = cfg.kv_heads % tp.size == 0
+        kv_width = cfg.kv_heads * cfg.head_dim
+        self.q = ColumnParallelLinear(cfg.d_model, [cfg.n_heads * cfg.head_dim], bias, tp, cfg.init_std)
+        if self.split_kv:
+            self.kv = ColumnParallelLinear(cfg.d_model, [kv_width, kv_width], bias, tp, cfg.init_std)
+            self.local_kv_heads = cfg.kv_heads // tp.size
+        else:
+            self.kv = nn.Linear(cfg.d_model, 2 * kv_width, bias=bias)
+            self.kv.weight.init_std = cfg.init_std
+            if bias:
+                self.kv.bias.init_std = None
+            # the kv head shared by this rank's query heads
+            self.kv_head = tp.rank * self.local_heads // (cfg.n_heads // cfg.kv_heads)
+        self.out = RowParallelLinear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias, tp,
+                                     residual_std(cfg.init_std, cfg.n_layers))
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.style == "llama" else None
+        self.selective_checkpoint = False  # set by the model: recompute the attention core in backward
         self.dropout = nn.Dropout(cfg.dropout)
-        self.impl = cfg.kernels.attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.split_kv:
+            k, v = self.kv(x).chunk(2, dim=-1)
+            heads = self.local_kv_heads
+        else:
+            weight = self.tp.shared_weight(self.kv.weight)
+            bias = None if self.kv.bias is None else self.tp.shared_weight(self.kv.bias)
+            k, v = F.linear(x, weight, bias).chunk(2, dim=-1)
+            heads = k.shape[-1] // self.head_dim
+            k = k.view(b, t, heads, self.head_dim)[:, :, self.kv_head:self.kv_head + 1].reshape(b, t, -1)
+            v = v.view(b, t, heads, self.head_dim)[:, :, self.kv_head:self.kv_head + 1].reshape(b, t, -1)
+            heads = 1
+        return (k.view(b, t, heads, self.head_dim).transpose(1, 2), v.view(b, t, heads, self.head_dim).transpose(1, 2))
+
+    def _core(self, q, k, v):
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = megalm_kernels.attention(q, k, v, causal=True, impl=self.impl)
-        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return megalm_kernels.attention(q, k, v, causal=True, impl=self.impl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tp.enter(x)
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.local_heads, self.head_dim).transpose(1, 2)
+        k, v = self._keys_values(x)
+        if self.selective_checkpoint and torch.is_grad_enabled():
+            y = checkpoint(self._core, q, k, v, use_reentrant=False)
+        else:
+            y = self._core(q, k, v)
+        y = y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)
         return self.dropout(self.out(y))
 
 
 class MLP(nn.Module):
-    """GELU MLP (gpt2 style) or SwiGLU (llama style)."""
+    """GELU MLP (gpt2 style) or SwiGLU (llama style), its hidden dim split over ranks."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
+        self.tp = tp
         self.gated = cfg.style == "llama"
         bias = cfg.style == "gpt2"
-        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim * (2 if self.gated else 1), bias=bias)
-        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=bias)
-        self.down.is_residual_projection = True
+        parts = [cfg.ffn_dim, cfg.ffn_dim] if self.gated else [cfg.ffn_dim]
+        self.up = ColumnParallelLinear(cfg.d_model, parts, bias, tp, cfg.init_std)
+        self.down = RowParallelLinear(cfg.ffn_dim, cfg.d_model, bias, tp, residual_std(cfg.init_std, cfg.n_layers))
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+        h = self.up(self.tp.enter(x))
         if self.gated:
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
@@ -101,29 +145,81 @@ class MLP(nn.Module):
         return self.dropout(self.down(h))
 
 
+class Embedding(nn.Module):
+    """Token (+ learned position) embedding; with SP, leaves each rank its slice of the sequence."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext, layer_id: int, seed: int):
+        super().__init__()
+        self.tp = tp
+        self.tok = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, tp, cfg.init_std)
+        self.pos = parameter((cfg.max_seq_len, cfg.d_model), cfg.init_std) if cfg.style == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        init_layer(self, layer_id, seed, tp)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok(input_ids)  # with tp > 1 this sums the ranks' lookups (an all-reduce)
+        if self.pos is not None:
+            x = x + self.pos[: input_ids.shape[1]]
+        return self.drop(self.tp.scatter_sequence(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output head: this rank's vocabulary slice of the logits."""
+        return F.linear(self.tp.enter(x), self.tok.weight)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, rotary: Rotary | None):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, layer_id: int, seed: int, checkpointing: str = "none"):
         super().__init__()
-        self.attn_norm = Norm(cfg)
-        self.attn = Attention(cfg, rotary)
-        self.mlp_norm = Norm(cfg)
-        self.mlp = MLP(cfg)
+        self.attn_norm = Norm(cfg, tp)
+        self.attn = Attention(cfg, tp)
+        self.mlp_norm = Norm(cfg, tp)
+        self.mlp = MLP(cfg, tp)
+        self.full_checkpoint = checkpointing == "full"
+        self.attn.selective_checkpoint = checkpointing == "selective"
+        init_layer(self, layer_id, seed, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.full_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
 
-def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
-    """Normal(0, init_std) for matrices and embeddings; residual projections scaled by depth (GPT-2)."""
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            std = residual_std if getattr(m, "is_residual_projection", False) else cfg.init_std
-            nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, cfg.init_std)
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, layer_id: int, seed: int):
+        super().__init__()
+        self.norm = Norm(cfg, tp)
+        init_layer(self, layer_id, seed, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class Head(nn.Module):
+    """The untied output projection: this rank's vocabulary slice of the logits."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext, layer_id: int, seed: int):
+        super().__init__()
+        self.tp = tp
+        self.proj = ColumnParallelLinear(cfg.d_model, [cfg.vocab_size], False, tp, cfg.init_std)
+        init_layer(self, layer_id, seed, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.tp.enter(x))
+
+
+class LossFunction:
+    """Next-token cross-entropy on vocabulary-parallel logits (also a pipeline's ``loss_fn``):
+    the mean in training; evaluation switches ``reduction`` to "sum" to weigh batches exactly."""
+
+    def __init__(self, tp: TPContext):
+        self.tp = tp
+        self.reduction = "mean"
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, self.tp, self.reduction)

@@ -1,55 +1,91 @@
-"""The decoder-only Transformer: token (+ learned position) embeddings, blocks, final norm, head.
+"""The decoder-only Transformer as a list of layers: Embedding, Block x n_layers, FinalNorm, Head.
 
-``forward(input_ids)`` returns logits; ``forward(input_ids, labels)`` returns the mean next-token
-cross-entropy, which is what the DeepSpeed engine calls during training.
+``Transformer`` runs the list in one process group stage (tensor and data parallel, any ZeRO
+stage). ``pipeline_module`` hands the same layers to DeepSpeed's ``PipelineModule``, which places
+consecutive layers on pipeline stages (1F1B schedule). Layer ``i`` is initialized from seeds that
+depend only on ``i`` and the parameter's name, so both forms, on any layout, start from the same
+weights. With tied embeddings the head is the embedding matrix itself (``Embedding.logits``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megalm.config import ModelConfig
-from megalm.model.layers import Block, Norm, Rotary, init_weights
+from megalm.model.layers import Block, Embedding, FinalNorm, Head, LossFunction
+from megalm.parallel.mesh import Mesh, single_process_mesh
+from megalm.parallel.tensor_parallel import TPContext, gather_vocab
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, *, seed: int = 0,
+                 sequence_parallel: bool = False, checkpointing: str = "none"):
         super().__init__()
         if cfg.vocab_size <= 0 or cfg.max_seq_len <= 0:
             raise ValueError("model.vocab_size and model.max_seq_len must be resolved before building the model")
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.style == "gpt2" else None
-        rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.style == "llama" else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layers))
-        self.norm = Norm(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        init_weights(self, cfg)
-        if cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        self.tp = TPContext(mesh or single_process_mesh(), sequence_parallel)
+        self.embed = Embedding(cfg, self.tp, 0, seed)
+        self.blocks = nn.ModuleList(Block(cfg, self.tp, i + 1, seed, checkpointing) for i in range(cfg.n_layers))
+        self.norm = FinalNorm(cfg, self.tp, cfg.n_layers + 1, seed)
+        self.head = None if cfg.tie_embeddings else Head(cfg, self.tp, cfg.n_layers + 2, seed)
+        self.loss_fn = LossFunction(self.tp)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token loss given labels; otherwise the full logits (gathered over tensor ranks)."""
         t = input_ids.shape[1]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
-        x = self.tok_emb(input_ids)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(t, device=input_ids.device))
-        x = self.drop(x)
+        x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.norm(x))
+        x = self.norm(x)
+        logits = self.embed.logits(x) if self.head is None else self.head(x)
         if labels is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            return gather_vocab(logits, self.tp)
+        return self.loss_fn(logits, labels)
 
-    def num_params(self, include_embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if not include_embeddings:
-            n -= self.tok_emb.weight.numel()
-            if self.pos_emb is not None:
-                n -= self.pos_emb.weight.numel()
-        return n
+
+
+def parameter_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
+    """Parameters of the whole model, whatever the layout. Without embeddings: the parameters that
+    take part in matmuls (blocks and the output head, tied or not), which set the FLOPs per token."""
+    d, q, kv, ffn = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
+    bias = cfg.style == "gpt2"
+    norm = d * (2 if bias else 1)
+    attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if bias else 0)
+    mlp = d * ffn * (2 if cfg.style == "llama" else 1) + ffn * d + (ffn + d if bias else 0)
+    n = cfg.n_layers * (attn + mlp + 2 * norm) + norm
+    if include_embeddings:
+        n += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+        n += cfg.max_seq_len * d if cfg.style == "gpt2" else 0
+    else:
+        n += cfg.vocab_size * d
+    return n
+
+
+def pipeline_module(cfg: ModelConfig, mesh: Mesh, *, seed: int, sequence_parallel: bool, checkpointing: str,
+                    partition: str):
+    """The same layers as a DeepSpeed PipelineModule over ``mesh.pp`` stages."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    tp = TPContext(mesh, sequence_parallel)
+    n = cfg.n_layers
+    if cfg.tie_embeddings:
+        first = TiedLayerSpec("embed", Embedding, cfg, tp, 0, seed, tied_weight_attr=["tok.weight"])
+        last = TiedLayerSpec("embed", Embedding, cfg, tp, 0, seed, forward_fn=_tied_logits,
+                             tied_weight_attr=["tok.weight"])
+    else:
+        first = LayerSpec(Embedding, cfg, tp, 0, seed)
+        last = LayerSpec(Head, cfg, tp, n + 2, seed)
+    layers = [first, *(LayerSpec(Block, cfg, tp, i + 1, seed, checkpointing) for i in range(n)),
+              LayerSpec(FinalNorm, cfg, tp, n + 1, seed), last]
+    topology = PipeModelDataParallelTopology(num_pp=mesh.pp, num_mp=mesh.tp, num_dp=mesh.dp)
+    return PipelineModule(layers=layers, topology=topology, loss_fn=LossFunction(tp),
+                          partition_method="parameters" if partition == "parameters" else "uniform")
+
+
+def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
+    return embedding.logits(x)

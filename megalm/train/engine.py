@@ -1,37 +1,43 @@
-"""Building the model and handing it to the DeepSpeed engine.
+"""Building the model on its process mesh and handing it to the DeepSpeed engine.
 
-DeepSpeed owns the optimizer (AdamW), ZeRO sharding over the data-parallel ranks, bf16, gradient
-accumulation and clipping; megalm gives it the model, the parameter groups and the LR schedule.
+DeepSpeed owns the optimizer (AdamW), ZeRO sharding over the data-parallel group, bf16, gradient
+accumulation and clipping. With pp = 1 the model is a ``Transformer`` on the standard engine, with
+the mesh as DeepSpeed's ``mpu`` so ZeRO shards over data-parallel ranks only; with pp > 1 it is a
+``PipelineModule`` on DeepSpeed's ``PipelineEngine`` (1F1B schedule).
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from megalm.config import Config, ModelConfig
-from megalm.model.transformer import Transformer
-from megalm.parallel.distributed import World
+from megalm.config import VOCAB_MULTIPLE, Config, ModelConfig
+from megalm.model.transformer import Transformer, pipeline_module
+from megalm.parallel.mesh import Mesh
 from megalm.train.schedule import lr_multiplier
 
 log = logging.getLogger("megalm")
 
 
-def resolve_model_config(cfg: Config, vocab_size: int) -> ModelConfig:
-    """Fill the model fields that default to the data's (vocabulary, sequence length)."""
+def resolve_model_config(cfg: Config, tokenizer_vocab: int) -> ModelConfig:
+    """Fill the model fields that default to the data's: the vocabulary (the tokenizer's, rounded
+    up to a multiple of 128 for fast matmuls and even tensor-parallel splits) and the length."""
     m = cfg.model
-    vocab = m.vocab_size or vocab_size
-    if vocab < vocab_size:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {vocab_size}")
+    vocab = m.vocab_size or -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if vocab < tokenizer_vocab:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
     return cfg.replace("model", vocab_size=vocab, max_seq_len=m.max_seq_len or cfg.data.seq_len).model
 
 
-def build_model(model_cfg: ModelConfig, seed: int) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(model_cfg)
+def build_model(cfg: Config, mesh: Mesh) -> nn.Module:
+    p = cfg.parallel
+    if mesh.pp > 1:
+        return pipeline_module(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
+                               checkpointing=p.activation_checkpointing, partition=p.pp_partition)
+    return Transformer(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
+                       checkpointing=p.activation_checkpointing)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -58,20 +64,26 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         },
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
+        # Between pipeline stages DeepSpeed sends each tensor rank 1/tp of an activation it assumes is
+        # replicated, and all-gathers it on arrival. With sequence parallelism the activations are
+        # already different shards per tensor rank, so they must travel whole.
+        "pipeline": {"pipe_partitioned": not cfg.parallel.sequence_parallel,
+                     "grad_partitioned": not cfg.parallel.sequence_parallel},
         "steps_per_print": 10**9,  # megalm does its own logging
         "wall_clock_breakdown": False,
     }
 
 
-def build_engine(cfg: Config, model: nn.Module, world: World, dp_size: int):
+def build_engine(cfg: Config, model: nn.Module, mesh: Mesh):
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg.train.weight_decay),
-        config=deepspeed_config(cfg, dp_size),
+        config=deepspeed_config(cfg, mesh.dp),
+        mpu=None if mesh.pp > 1 else mesh,  # a PipelineModule brings its own grid
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lr_multiplier(cfg.train)),
     )
-    log.info("engine: DeepSpeed %s, ZeRO stage %d, %s, AdamW (torch), %d data-parallel ranks on %s",
-             deepspeed.__version__, cfg.train.zero_stage, cfg.train.precision, dp_size, world.device)
+    log.info("engine: DeepSpeed %s %s, ZeRO stage %d, %s, AdamW (torch)", deepspeed.__version__,
+             "PipelineEngine (1F1B)" if mesh.pp > 1 else "engine", cfg.train.zero_stage, cfg.train.precision)
     return engine

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megalm.checkpoint import store
-from megalm.config import Config, data_parallel_size, validate
+from megalm.config import Config, validate
 from megalm.data.loader import TrainLoader, merge_states, validation_sequences
 from megalm.data.prepare import prepare, read_index
 from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, plot_loss
+from megalm.model.transformer import parameter_count
 from megalm.parallel.distributed import World, all_gather_objects, all_reduce_mean, init_distributed, launched_world_size
+from megalm.parallel.mesh import Mesh, build_mesh
+from megalm.parallel.tensor_parallel import IGNORE
 from megalm.train.engine import build_engine, build_model, resolve_model_config
 
 log = logging.getLogger("megalm")
@@ -64,8 +66,11 @@ def train(cfg: Config) -> Summary:
     t_start = time.time()
     validate(cfg, launched_world_size())  # layout errors surface before any process group starts
     world = init_distributed(cfg.train.device)
-    dp = data_parallel_size(cfg, world.world_size)
-    t = cfg.train
+    t, par = cfg.train, cfg.parallel
+    mesh = build_mesh(par.tp, par.pp, world.world_size, world.rank)
+    dp = mesh.dp
+    if world.is_main:
+        log.info(mesh.describe())
 
     # ---- data (rank 0 prepares it if needed; the others wait)
     if world.is_main and not (Path(cfg.data.dir) / "index.json").is_file():
@@ -81,13 +86,14 @@ def train(cfg: Config) -> Summary:
         shutil.copyfile(Path(cfg.data.dir) / index["tokenizer"], run_dir / "tokenizer.json")  # for generate
 
     # ---- model and engine
-    model = build_model(cfg.model, t.seed)
-    n_params = model.num_params()
-    engine = build_engine(cfg, model, world, dp)
+    torch.manual_seed(t.seed)  # dropout; weights are seeded per layer (see tensor_parallel.init_layer)
+    model = build_model(cfg, mesh)
+    engine = build_engine(cfg, model, mesh)
+    pipeline = mesh.pp > 1
     if world.is_main:
         log.info("model: %s (%s style), %.2fM parameters, %d layers x %d wide, vocab %d, seq %d",
-                 cfg.model.name, cfg.model.style, n_params / 1e6, cfg.model.n_layers, cfg.model.d_model,
-                 cfg.model.vocab_size, cfg.data.seq_len)
+                 cfg.model.name, cfg.model.style, parameter_count(cfg.model) / 1e6, cfg.model.n_layers,
+                 cfg.model.d_model, cfg.model.vocab_size, cfg.data.seq_len)
 
     # ---- resume
     step, tokens, data_state = 0, 0, None
@@ -102,12 +108,14 @@ def train(cfg: Config) -> Summary:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     loader = TrainLoader(cfg.data.dir, index, seq_len=cfg.data.seq_len, streams=cfg.data.streams,
-                         dp_rank=world.rank, dp_size=dp, micro_batch_size=t.micro_batch_size,
+                         dp_rank=mesh.dp_rank, dp_size=dp, micro_batch_size=t.micro_batch_size,
                          grad_accum=t.grad_accum, num_workers=cfg.data.num_workers, seed=cfg.data.seed,
                          state=data_state)
     val = validation_sequences(cfg.data.dir, index, cfg.data.seq_len, cfg.data.eval_sequences)
     tokens_per_step = t.micro_batch_size * t.grad_accum * dp * cfg.data.seq_len
-    flops_per_token = 6 * model.num_params(include_embeddings=False) + 12 * cfg.model.n_layers * cfg.model.d_model * cfg.data.seq_len
+    # 6 FLOPs per matmul parameter per token (forward + backward), plus attention's scores and mixing
+    flops_per_token = 6 * parameter_count(cfg.model, include_embeddings=False) + \
+        12 * cfg.model.n_layers * cfg.model.d_model * cfg.data.seq_len
 
     sink = MetricsSink(cfg, run_dir, enabled=world.is_main)
     bar = ProgressBar(t.steps, step, enabled=world.is_main and t.progress)
@@ -123,15 +131,20 @@ def train(cfg: Config) -> Summary:
     while step < t.steps:
         step_start = time.perf_counter()
         logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.steps
-        lr = engine.get_lr()[0]  # this step's; the scheduler advances inside the last engine.step()
-        for micro in next(loader):
-            micro = micro.to(world.device, non_blocking=True)
-            loss = engine(micro[:, :-1], micro[:, 1:])
-            engine.backward(loss)
-            if logging_step and engine.is_gradient_accumulation_boundary():
-                own_grad_norm = gradient_norm(engine)
-            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+        lr = engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
+        micro_batches = next(loader)
+        if pipeline:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
+            loss = engine.train_batch(iter([(mb[:, :-1], mb[:, 1:]) for mb in micro_batches]))
             interval_losses.append(loss.detach().float())
+        else:
+            for micro in micro_batches:
+                micro = micro.to(world.device, non_blocking=True)
+                loss = engine(micro[:, :-1], micro[:, 1:])
+                engine.backward(loss)
+                if logging_step and engine.is_gradient_accumulation_boundary():
+                    own_grad_norm = gradient_norm(engine, mesh)
+                engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+                interval_losses.append(loss.detach().float())
         step += 1
         tokens += tokens_per_step
         throughput.add(tokens_per_step)
@@ -153,7 +166,7 @@ def train(cfg: Config) -> Summary:
             bar.update(step, loss_value, lr, tokens_per_s)
 
         if step % t.eval_every == 0 or step == t.steps:
-            val_loss = evaluate(engine, val, world, dp, t.micro_batch_size)
+            val_loss = evaluate(engine, val, world, mesh, t.micro_batch_size)
             sink.write({"step": step, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
             throughput.rate()  # evaluation time is not training throughput
 
@@ -175,34 +188,53 @@ def train(cfg: Config) -> Summary:
 
 
 @torch.no_grad()
-def gradient_norm(engine) -> float | None:
+def gradient_norm(engine, mesh: Mesh) -> float | None:
     """Global gradient norm where DeepSpeed does not report one (its plain fp32 path computes it
-    for clipping but keeps it to itself). Gradients are already averaged over ranks here."""
+    for clipping but keeps it to itself). Gradients are already averaged over data-parallel ranks;
+    tensor-parallel shards are summed, replicated parameters counted once."""
     if engine.zero_optimization() or engine.bfloat16_enabled():
         return None  # DeepSpeed's optimizer wrapper reports it after the step
-    grads = [p.grad.float() for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    total = torch.zeros(1, dtype=torch.float64, device=next(engine.module.parameters()).device)
+    for p in engine.module.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or mesh.tp_rank == 0):
+            total += p.grad.double().pow(2).sum()
+    if mesh.tp > 1:
+        dist.all_reduce(total, group=mesh.tp_group)
+    return total.sqrt().item()
 
 
 @torch.no_grad()
-def evaluate(engine, val: torch.Tensor, world: World, dp: int, batch_size: int) -> float:
-    """Mean next-token loss over the validation sequences, split across data-parallel ranks."""
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=world.device)  # (sum of losses, tokens)
-    # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively), so
-    # ranks with one sequence fewer score a repeated row with weight zero.
-    per_rank = -(-len(val) // dp)
-    mine = val[world.rank::dp]
-    weight = torch.ones(per_rank, device=world.device)
-    weight[len(mine):] = 0
-    mine = torch.cat([mine, val[:per_rank - len(mine)]])
-    for batch, w in zip(mine.split(batch_size), weight.split(batch_size)):
-        batch = batch.to(world.device)
-        logits = engine(batch[:, :-1]).float()
-        losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").sum(1)
-        total[0] += (losses * w).sum().double()
-        total[1] += w.sum().double() * batch[:, 1:].shape[1]
-    dist.all_reduce(total)
-    engine.train()
-    return (total[0] / total[1]).item()
+def evaluate(engine, val: torch.Tensor, world: World, mesh: Mesh, batch_size: int) -> float:
+    """Mean next-token loss over the validation sequences, split across data-parallel ranks.
 
+    Every data-parallel rank runs the same number of equal micro-batches (ZeRO-3 and the pipeline
+    engine need that): the rows a rank lacks are filled with labels that do not count (IGNORE).
+    Summed losses and token counts then give the exact mean over the validation set.
+    """
+    dp, rank = mesh.dp, mesh.dp_rank
+    per_rank = -(-len(val) // dp)
+    per_rank = -(-per_rank // batch_size) * batch_size
+    mine = val[rank::dp]
+    pad = per_rank - len(mine)
+    inputs = torch.cat([mine[:, :-1], val[:pad, :-1]])
+    labels = torch.cat([mine[:, 1:], torch.full_like(val[:pad, 1:], IGNORE)])
+    batches = list(zip(inputs.split(batch_size), labels.split(batch_size)))
+    tokens = float(len(val) * (val.shape[1] - 1))
+    loss_fn = engine.module.loss_fn  # Transformer and PipelineModule both hold it
+    loss_fn.reduction = "sum"
+    engine.eval()
+    try:
+        if mesh.pp > 1:
+            # eval_batch averages the per-micro-batch sums over micro-batches and data-parallel ranks
+            mean_sum = engine.eval_batch(iter(batches), num_micro_batches=len(batches))
+            total = mean_sum.double().item() * len(batches) * dp
+        else:
+            total_t = torch.zeros(1, dtype=torch.float64, device=world.device)
+            for x, y in batches:
+                total_t += engine(x.to(world.device), y.to(world.device)).double()
+            dist.all_reduce(total_t, group=mesh.dp_group)
+            total = total_t.item()
+    finally:
+        loss_fn.reduction = "mean"
+        engine.train()
+    return total / tokens

@@ -1,0 +1,117 @@
+"""The 3D process mesh: which global rank holds which (pipeline, data, tensor) coordinate.
+
+Ranks are laid out tensor-parallel fastest, then data-parallel, then pipeline:
+``rank = (pp_rank * dp + dp_rank) * tp + tp_rank``. So a tensor-parallel group is a run of
+consecutive ranks (inside one node, where its per-layer collectives are cheap), and the pipeline
+stages are the slowest axis (across nodes). This is also DeepSpeed's
+``PipeModelDataParallelTopology`` order, so its pipeline engine and ZeRO agree with ours.
+
+The mesh doubles as the ``mpu`` DeepSpeed asks for: ZeRO then shards over the data-parallel group
+only, and gradient norms are summed correctly over tensor-parallel shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass
+class Mesh:
+    tp: int
+    pp: int
+    dp: int
+    rank: int
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+    pp_group: dist.ProcessGroup | None = None
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    def global_rank(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def describe(self) -> str:
+        """One line per global rank: its (pp, dp, tp) coordinate."""
+        lines = [f"layout: tp={self.tp} x dp={self.dp} x pp={self.pp} = {self.tp * self.dp * self.pp} processes"]
+        for p in range(self.pp):
+            for d in range(self.dp):
+                ranks = [self.global_rank(p, d, t) for t in range(self.tp)]
+                lines.append(f"  pipeline stage {p}, data rank {d}: global ranks {ranks} (tensor ranks 0..{self.tp - 1})")
+        return "\n".join(lines)
+
+    # ---- the model-parallel-unit interface DeepSpeed calls
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_tensor_model_parallel_group(self):
+        return self.tp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_pipe_parallel_rank(self) -> int:
+        return self.pp_rank
+
+    def get_pipe_parallel_world_size(self) -> int:
+        return self.pp
+
+    def get_pipe_parallel_group(self):
+        return self.pp_group
+
+
+def single_process_mesh() -> Mesh:
+    """tp = pp = dp = 1 without any process group: for building models outside training."""
+    return Mesh(tp=1, pp=1, dp=1, rank=0)
+
+
+def build_mesh(tp: int, pp: int, world_size: int, rank: int) -> Mesh:
+    """Create every tensor-, data- and pipeline-parallel group (collective: all ranks call it)."""
+    dp = world_size // (tp * pp)
+    mesh = Mesh(tp=tp, pp=pp, dp=dp, rank=rank)
+    # new_group must be called by every rank for every group, in the same order
+    for p in range(pp):
+        for d in range(dp):
+            group = dist.new_group([mesh.global_rank(p, d, t) for t in range(tp)])
+            if mesh.pp_rank == p and mesh.dp_rank == d:
+                mesh.tp_group = group
+    for p in range(pp):
+        for t in range(tp):
+            group = dist.new_group([mesh.global_rank(p, d, t) for d in range(dp)])
+            if mesh.pp_rank == p and mesh.tp_rank == t:
+                mesh.dp_group = group
+    for d in range(dp):
+        for t in range(tp):
+            group = dist.new_group([mesh.global_rank(p, d, t) for p in range(pp)])
+            if mesh.dp_rank == d and mesh.tp_rank == t:
+                mesh.pp_group = group
+    return mesh

@@ -1,0 +1,354 @@
+"""Megatron-style tensor parallelism: the collectives at the edges of a parallel region, sharded
+linear layers, a vocabulary-parallel embedding and cross-entropy, and layout-independent init.
+
+A tensor-parallel region (attention over a slice of the heads, the MLP over a slice of its hidden
+dim) is entered and left through exactly one collective each, so they are easy to see:
+
+=================  ==========================================  ==================================
+                   forward                                      backward
+=================  ==========================================  ==================================
+enter (no SP)      identity                                     all-reduce the input's gradient
+exit  (no SP)      all-reduce the partial outputs               identity
+enter (SP)         all-gather the sequence shards               reduce-scatter along the sequence
+exit  (SP)         reduce-scatter along the sequence            all-gather
+=================  ==========================================  ==================================
+
+With sequence parallelism (SP) the activations between regions (norms, residuals, dropout) hold
+only ``seq_len / tp`` positions per rank. Parameters used on such shards (norm weights, biases added
+after a reduce-scatter) see only part of the batch, so their use goes through
+:func:`replicated`, whose backward sums their gradient over the tensor-parallel group.
+
+Every parameter is initialized from its *full* shape with a generator seeded by the run seed, its
+layer's index and its name, then sliced to this rank's shard: a tp=2 run, a pp=2 run and one
+process start from the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megalm.parallel.mesh import Mesh
+
+SEQ_DIM = 1  # activations are (batch, sequence, hidden)
+
+
+# ------------------------------------------------------------------------------ collectives
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [p.contiguous() for p in x.chunk(dist.get_world_size(group), dim=SEQ_DIM)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=SEQ_DIM)[dist.get_rank(group)].contiguous()
+
+
+class _EnterRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ExitRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """What a layer needs to know about tensor parallelism."""
+
+    mesh: Mesh
+    sequence_parallel: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.mesh.tp
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.tp_rank
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Into a parallel region: every rank needs the full (sequence of the) input."""
+        if self.size == 1:
+            return x
+        if self.sequence_parallel:
+            return _GatherSeq.apply(x, self.mesh.tp_group)
+        return _EnterRegion.apply(x, self.mesh.tp_group)
+
+    def exit(self, x: torch.Tensor) -> torch.Tensor:
+        """Out of a parallel region: sum the ranks' partial outputs (scattered along the sequence with SP)."""
+        if self.size == 1:
+            return x
+        if self.sequence_parallel:
+            return _ReduceScatterSeq.apply(x, self.mesh.tp_group)
+        return _ExitRegion.apply(x, self.mesh.tp_group)
+
+    def sum_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce partial results to the full activation, with or without SP."""
+        if self.size == 1:
+            return x
+        return _ExitRegion.apply(x, self.mesh.tp_group)
+
+    def scatter_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """Full sequence -> this rank's shard (SP only)."""
+        if self.size == 1 or not self.sequence_parallel:
+            return x
+        return _ScatterSeq.apply(x, self.mesh.tp_group)
+
+    def replicated(self, p: torch.Tensor) -> torch.Tensor:
+        """Use a replicated parameter on sequence shards: its gradient is summed over the group."""
+        if self.size == 1 or not self.sequence_parallel:
+            return p
+        return _EnterRegion.apply(p, self.mesh.tp_group)
+
+    def shared_weight(self, p: torch.Tensor) -> torch.Tensor:
+        """Use a replicated parameter inside a parallel region (each rank contributes part of its gradient)."""
+        if self.size == 1:
+            return p
+        return _EnterRegion.apply(p, self.mesh.tp_group)
+
+
+# ------------------------------------------------------------------------- initialization
+
+
+def _generator(seed: int, layer_id: int, name: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{layer_id}/{name}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def init_layer(layer: nn.Module, layer_id: int, seed: int, tp: TPContext) -> None:
+    """Initialize every parameter of one layer from its full shape, then keep this rank's shard.
+
+    A parameter's ``init_std`` attribute says how it starts (None: ones for norm weights, zeros
+    for biases); ``shard`` (a :class:`Shard`) says how it is split over tensor-parallel ranks.
+    """
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            std = getattr(p, "init_std", None)
+            shard: Shard | None = getattr(p, "shard", None)
+            full_shape = shard.full_shape(p.shape, tp.size) if shard else p.shape
+            if std is None:
+                full = torch.ones(full_shape) if name.endswith("weight") else torch.zeros(full_shape)
+            else:
+                full = torch.empty(full_shape).normal_(0.0, std, generator=_generator(seed, layer_id, name))
+            p.copy_(shard.take(full, tp.rank, tp.size) if shard else full)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How a parameter splits over tensor-parallel ranks: along ``dim``, each of ``parts`` (sizes
+    along that dim of the logical pieces fused in one matrix, e.g. gate and value of SwiGLU) split
+    evenly, a rank's shard being its slice of every part, concatenated."""
+
+    dim: int
+    parts: tuple[int, ...]
+
+    def full_shape(self, local_shape: torch.Size, tp: int) -> torch.Size:
+        shape = list(local_shape)
+        shape[self.dim] = sum(self.parts)
+        return torch.Size(shape)
+
+    def take(self, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+        pieces = full.split(list(self.parts), dim=self.dim)
+        return torch.cat([p.chunk(tp, dim=self.dim)[rank] for p in pieces], dim=self.dim)
+
+
+def sharded_parameter(full_shape: tuple[int, ...], shard: Shard, tp: int, init_std: float | None) -> nn.Parameter:
+    local = list(full_shape)
+    local[shard.dim] //= tp
+    p = nn.Parameter(torch.empty(local))
+    p.shard, p.init_std = shard, init_std
+    # DeepSpeed counts these once per shard (not once per tensor-parallel rank) in gradient norms
+    p.tensor_model_parallel = tp > 1
+    p.model_parallel = tp > 1
+    p.partition_dim = shard.dim
+    return p
+
+
+def parameter(shape: tuple[int, ...], init_std: float | None) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape))
+    p.init_std = init_std
+    return p
+
+
+# ------------------------------------------------------------------------------- layers
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output rows split over ranks: each rank computes a slice of y.
+    The input must already be the full (gathered) activation: see ``TPContext.enter``."""
+
+    def __init__(self, in_features: int, out_parts: list[int], bias: bool, tp: TPContext, init_std: float):
+        super().__init__()
+        for size in out_parts:
+            if size % tp.size:
+                raise ValueError(f"output size {size} is not divisible by tensor-parallel size {tp.size}")
+        shard = Shard(0, tuple(out_parts))
+        self.weight = sharded_parameter((sum(out_parts), in_features), shard, tp.size, init_std)
+        self.bias = sharded_parameter((sum(out_parts),), shard, tp.size, None) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split over ranks: each rank's output is a partial sum,
+    reduced by ``TPContext.exit`` before the (replicated) bias is added."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext, init_std: float):
+        super().__init__()
+        if in_features % tp.size:
+            raise ValueError(f"input size {in_features} is not divisible by tensor-parallel size {tp.size}")
+        self.tp = tp
+        self.weight = sharded_parameter((out_features, in_features), Shard(1, (in_features,)), tp.size, init_std)
+        self.bias = parameter((out_features,), None) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.exit(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.tp.replicated(self.bias)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose vocabulary rows are split over ranks; each rank looks up the ids it owns,
+    the others contribute zeros, and an all-reduce sums the result."""
+
+    def __init__(self, vocab_size: int, dim: int, tp: TPContext, init_std: float):
+        super().__init__()
+        if vocab_size % tp.size:
+            raise ValueError(f"vocab size {vocab_size} is not divisible by tensor-parallel size {tp.size}")
+        self.tp = tp
+        self.per_rank = vocab_size // tp.size
+        self.start = tp.rank * self.per_rank
+        self.weight = sharded_parameter((vocab_size, dim), Shard(0, (vocab_size,)), tp.size, init_std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.sum_partials(out.masked_fill(outside.unsqueeze(-1), 0.0))
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits whose vocabulary is split over ranks, without gathering them."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, start, group):  # logits (N, V/tp) float32, targets (N,)
+        max_logit = logits.max(dim=-1).values
+        dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - max_logit.unsqueeze(-1)
+        local = targets - start
+        mine = (local >= 0) & (local < logits.shape[-1])
+        local = local.masked_fill(~mine, 0)
+        target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(target_logit, group=group)
+        dist.all_reduce(sum_exp, group=group)
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, mine)
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, mine = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        grad_logits[torch.arange(len(local), device=local.device), local] -= mine.to(softmax.dtype)
+        return grad_logits * grad.unsqueeze(-1), None, None, None
+
+
+IGNORE = -100  # label of positions that do not count (padding in evaluation)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp: TPContext,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss, mean or sum over tokens whose label is not IGNORE; logits (..., V/tp) hold
+    this rank's slice of the vocabulary."""
+    logits, targets = logits.float().flatten(0, -2), targets.flatten()
+    if tp.size == 1:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction=reduction)
+    start = tp.rank * logits.shape[-1]
+    valid = targets != IGNORE
+    losses = _VocabParallelCrossEntropy.apply(logits, targets, start, tp.mesh.tp_group) * valid
+    return losses.sum() if reduction == "sum" else losses.sum() / valid.sum()
+
+
+def gather_vocab(logits: torch.Tensor, tp: TPContext) -> torch.Tensor:
+    """Full logits from vocabulary shards (evaluation and sampling; not differentiable)."""
+    if tp.size == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp.size)]
+    dist.all_gather(parts, logits.contiguous(), group=tp.mesh.tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def residual_std(base_std: float, n_layers: int) -> float:
+    """GPT-2's depth scaling of the projections that write into the residual stream."""
+    return base_std / math.sqrt(2 * n_layers)
