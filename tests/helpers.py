@@ -13,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from megalm.data.sources import python_stdlib_root
+from megalm.generate import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "configs/quickstart.yaml"
@@ -70,3 +73,15 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in metrics(run_dir) if "loss" in r]
+
+
+def compare_parameters(run_dir: Path, reference: Path) -> tuple[float, float]:
+    """(relative norm of the weight difference, largest single difference) of two runs' final models."""
+    ref = dict(load_model(reference)[0].named_parameters())
+    got = dict(load_model(run_dir)[0].named_parameters())
+    assert got.keys() == ref.keys()
+    with torch.no_grad():
+        diff = torch.sqrt(sum(((got[k] - ref[k]) ** 2).sum() for k in ref))
+        norm = torch.sqrt(sum((ref[k] ** 2).sum() for k in ref))
+        worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    return (diff / norm).item(), worst

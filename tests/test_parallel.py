@@ -11,11 +11,9 @@ a constant added to every score), so Adam turns rounding noise there into steps 
 import time
 
 import pytest
-import torch
 
 from megalm.config import ConfigError, load_config, validate
-from megalm.generate import load_model
-from tests.helpers import CONFIG, TINY, REPO, run_megalm, torchrun, train_losses
+from tests.helpers import CONFIG, REPO, TINY, compare_parameters, metrics, run_megalm, torchrun, train_losses
 
 STEPS = ["train.steps=6", "train.eval_every=3"]
 LLAMA_MQA = ["model=llama-tiny", "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=1"]
@@ -41,21 +39,12 @@ def llama_single(data_dir, tmp_path_factory):
     return run_dir
 
 
-def _compare_parameters(run_dir, reference):
-    ref = dict(load_model(reference)[0].named_parameters())
-    got = dict(load_model(run_dir)[0].named_parameters())
-    assert got.keys() == ref.keys()
-    with torch.no_grad():
-        diff = torch.sqrt(sum(((got[k] - ref[k]) ** 2).sum() for k in ref))
-        norm = torch.sqrt(sum((ref[k] ** 2).sum() for k in ref))
-        worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
-    return (diff / norm).item(), worst
-
-
 @pytest.mark.slow
 def test_every_layout_matches_one_process(data_dir, single_run, llama_single, tmp_path):
     references = {"gpt2": single_run, "llama": llama_single}
-    rows = []
+    step_ms = {k: 1000 * sorted(r["step_time_s"] for r in metrics(d) if "step_time_s" in r)[2]
+               for k, d in references.items()}
+    rows = [f"| one process, {k} (reference) | 1 | - | - | {ms:.0f} ms | - |" for k, ms in step_ms.items()]
     for i, (name, (nproc, overrides, ref_name)) in enumerate(LAYOUTS.items()):
         run_dir = tmp_path / f"layout{i}"
         extra = LLAMA_MQA if ref_name == "llama" and LLAMA_MQA[0] not in overrides else []
@@ -66,12 +55,16 @@ def test_every_layout_matches_one_process(data_dir, single_run, llama_single, tm
         reference = references[ref_name]
         losses, expected = train_losses(run_dir)[:5], train_losses(reference)[:5]
         loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses, expected))
-        param_rel, param_worst = _compare_parameters(run_dir, reference)
-        rows.append(f"{name:55s} {nproc} procs  loss rel {loss_rel:.1e}  params rel {param_rel:.1e} "
-                    f"(max {param_worst:.1e})  {wall:.0f}s")
+        param_rel, param_worst = compare_parameters(run_dir, reference)
+        step_s = sorted(r["step_time_s"] for r in metrics(run_dir) if "step_time_s" in r)[2]  # median of 6
+        rows.append(f"| {name} | {nproc} | {loss_rel:.1e} | {param_rel:.1e} (max {param_worst:.1e}) | "
+                    f"{1000 * step_s:.0f} ms | {wall:.0f} s |")
         assert loss_rel < 1e-5, f"{name}: losses {losses} vs {expected}"
+        val, val_expected = (metrics(d)[-1]["val_loss"] for d in (run_dir, reference))
+        assert val == pytest.approx(val_expected, rel=1e-5), f"{name}: validation loss"
         assert param_rel < 1e-5 and param_worst < 1e-4, f"{name}: parameters differ ({param_rel}, {param_worst})"
-    print("\n" + "\n".join(rows))
+    print("\n| layout | processes | max loss rel. diff | weights rel. diff | time/step | run |\n"
+          "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))
 
 
 @pytest.mark.parametrize("overrides, world, message", [

@@ -11,7 +11,7 @@ import torch
 from megalm.checkpoint import store
 from megalm.data.prepare import read_index
 from megalm.generate import load_model
-from tests.helpers import CONFIG, TINY, metrics, run_megalm, torchrun, train_losses
+from tests.helpers import CONFIG, TINY, compare_parameters, metrics, run_megalm, torchrun, train_losses
 
 
 def test_run_dir_has_everything(single_run):
@@ -97,3 +97,6 @@ def test_data_parallel_and_zero_stages_match_one_process(single_run, data_dir, t
         losses = train_losses(run_dir)[:5]
         rel = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
         assert rel < 1e-5, f"ZeRO {stage}: {losses} vs {reference}"
+        # weights consolidated from each stage's shards (ZeRO-3: DeepSpeed's zero_to_fp32) agree too
+        param_rel, param_worst = compare_parameters(run_dir, single_run)
+        assert param_rel < 1e-5 and param_worst < 1e-4, f"ZeRO {stage}: parameters ({param_rel}, {param_worst})"

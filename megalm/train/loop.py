@@ -161,7 +161,7 @@ def train(cfg: Config) -> Summary:
                 "step": step, "loss": loss_value, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens": tokens, "tokens_per_s": tokens_per_s, "step_time_s": time.perf_counter() - step_start,
-                "tflops_per_rank": flops_per_token * tokens_per_s / dp / 1e12,
+                "tflops_per_rank": flops_per_token * tokens_per_s / world.world_size / 1e12,
             })
             bar.update(step, loss_value, lr, tokens_per_s)
 
@@ -180,6 +180,9 @@ def train(cfg: Config) -> Summary:
             break
 
     bar.close()
+    if math.isnan(val_loss):  # resumed a finished run: nothing trained, but report where it stands
+        log.info("train: %s already trained to step %d; evaluating it", run_dir, step)
+        val_loss = evaluate(engine, val, world, mesh, t.micro_batch_size)
     sink.close()
     if world.is_main:
         plot_loss(run_dir)
