@@ -35,9 +35,15 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def single_run(data_dir, tmp_path_factory):
+def data_args(data_dir):
+    """The overrides that point a run at the prepared corpus (training checks they match it)."""
+    return [f"data.source={data_dir.parent / 'corpus'}", f"data.dir={data_dir}"]
+
+
+@pytest.fixture(scope="session")
+def single_run(data_args, tmp_path_factory):
     """The reference: one plain process, 6 steps, checkpoints at 3 and 6."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    run_megalm("train", CONFIG, *TINY, f"data.dir={data_dir}", f"train.run_dir={run_dir}",
+    run_megalm("train", CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}",
                "train.steps=6", "train.save_every=3", "train.eval_every=3")
     return run_dir

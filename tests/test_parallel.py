@@ -33,14 +33,14 @@ LAYOUTS = {  # name: (processes, overrides, reference)
 
 
 @pytest.fixture(scope="module")
-def llama_single(data_dir, tmp_path_factory):
+def llama_single(data_args, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("llama") / "run"
-    run_megalm("train", CONFIG, *TINY, *LLAMA_MQA, *STEPS, f"data.dir={data_dir}", f"train.run_dir={run_dir}")
+    run_megalm("train", CONFIG, *TINY, *LLAMA_MQA, *STEPS, *data_args, f"train.run_dir={run_dir}")
     return run_dir
 
 
 @pytest.mark.slow
-def test_every_layout_matches_one_process(data_dir, single_run, llama_single, tmp_path):
+def test_every_layout_matches_one_process(data_args, single_run, llama_single, tmp_path):
     references = {"gpt2": single_run, "llama": llama_single}
     step_ms = {k: 1000 * sorted(r["step_time_s"] for r in metrics(d) if "step_time_s" in r)[2]
                for k, d in references.items()}
@@ -49,7 +49,7 @@ def test_every_layout_matches_one_process(data_dir, single_run, llama_single, tm
         run_dir = tmp_path / f"layout{i}"
         extra = LLAMA_MQA if ref_name == "llama" and LLAMA_MQA[0] not in overrides else []
         t0 = time.time()
-        torchrun(nproc, "train", CONFIG, *TINY, *STEPS, *extra, *overrides, f"data.dir={data_dir}",
+        torchrun(nproc, "train", CONFIG, *TINY, *STEPS, *extra, *overrides, *data_args,
                  f"train.run_dir={run_dir}")
         wall = time.time() - t0
         reference = references[ref_name]
@@ -81,3 +81,17 @@ def test_every_layout_matches_one_process(data_dir, single_run, llama_single, tm
 def test_layout_errors_are_config_errors(overrides, world, message):
     with pytest.raises(ConfigError, match=message):
         validate(load_config(REPO / CONFIG, overrides), world_size=world)
+
+
+def test_mesh_layout_is_deepspeeds_and_tensor_ranks_are_contiguous():
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from megalm.parallel.mesh import Mesh
+
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=3)
+    for rank in range(12):
+        mesh = Mesh(tp=2, pp=2, dp=3, rank=rank)
+        coord = topo.get_coord(rank)
+        assert (mesh.pp_rank, mesh.dp_rank, mesh.tp_rank) == (coord.pipe, coord.data, coord.model)
+        assert mesh.global_rank(mesh.pp_rank, mesh.dp_rank, mesh.tp_rank) == rank
+    assert [Mesh(tp=2, pp=2, dp=3, rank=r).tp_rank for r in (0, 1)] == [0, 1]  # a TP pair is adjacent

@@ -33,9 +33,9 @@ def test_run_dir_has_everything(single_run):
     assert [p.name for p in store.complete_checkpoints(single_run / "checkpoints")] == ["step_00000003", "step_00000006"]
 
 
-def test_loss_falls(data_dir, tmp_path):
+def test_loss_falls(data_dir, data_args, tmp_path):
     run_dir = tmp_path / "run"
-    run_megalm("train", CONFIG, *TINY, f"data.dir={data_dir}", f"train.run_dir={run_dir}", "train.steps=200",
+    run_megalm("train", CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}", "train.steps=200",
                "train.warmup_steps=10", "train.eval_every=200", "train.log_every=10", "train.lr=5e-3",
                "train.micro_batch_size=16", "data.seq_len=64", "model.d_model=96")
     losses = train_losses(run_dir)
@@ -85,13 +85,13 @@ def test_generate_is_reproducible(single_run):
 
 
 @pytest.mark.slow
-def test_data_parallel_and_zero_stages_match_one_process(single_run, data_dir, tmp_path):
+def test_data_parallel_and_zero_stages_match_one_process(single_run, data_args, tmp_path):
     """2 processes over gloo with the same global batch reproduce the one-process losses (fp32),
     for ZeRO stages 0-3."""
     reference = train_losses(single_run)[:5]
     for stage in (0, 1, 2, 3):
         run_dir = tmp_path / f"zero{stage}"
-        torchrun(2, "train", CONFIG, *TINY, f"data.dir={data_dir}", f"train.run_dir={run_dir}",
+        torchrun(2, "train", CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}",
                  "train.micro_batch_size=2", f"train.zero_stage={stage}", "train.steps=6", "train.save_every=3",
                  "train.eval_every=3")
         losses = train_losses(run_dir)[:5]
@@ -100,3 +100,11 @@ def test_data_parallel_and_zero_stages_match_one_process(single_run, data_dir, t
         # weights consolidated from each stage's shards (ZeRO-3: DeepSpeed's zero_to_fp32) agree too
         param_rel, param_worst = compare_parameters(run_dir, single_run)
         assert param_rel < 1e-5 and param_worst < 1e-4, f"ZeRO {stage}: parameters ({param_rel}, {param_worst})"
+
+
+def test_training_refuses_data_prepared_differently(single_run, data_dir, tmp_path):
+    proc = run_megalm("train", CONFIG, *TINY, f"data.dir={data_dir}", "data.vocab_size=600",
+                      f"train.run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1
+    assert "already holds data prepared with other settings (data.source=" in proc.stderr
+    assert "data.vocab_size=600 here, 512 there" in proc.stderr

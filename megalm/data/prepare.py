@@ -60,13 +60,18 @@ def prepare(cfg: DataConfig, force: bool = False) -> dict:
     out = Path(cfg.dir)
     if (out / INDEX).is_file() and not force:
         index = read_index(out)
-        if index["settings"] == prepare_settings(cfg):
+        # data.streams only sets a minimum number of shards: a directory with enough serves any
+        same = {k: v for k, v in index["settings"].items() if k != "streams"}
+        if same == {k: v for k, v in prepare_settings(cfg).items() if k != "streams"}:
             log.info("data: %s already prepared (%d train shards, %d tokens); reusing it",
                      out, len(index["train"]), index["train_tokens"])
             return index
+        differ = {f"data.{k}": (v, index["settings"].get(k)) for k, v in prepare_settings(cfg).items()
+                  if k != "streams" and index["settings"].get(k) != v}
         raise DataError(
-            f"{out}: already holds data prepared with other settings ({index['settings']}); "
-            f"choose another data.dir or pass --force to replace it")
+            f"{out}: already holds data prepared with other settings "
+            f"({', '.join(f'{k}={new!r} here, {old!r} there' for k, (new, old) in differ.items())}); "
+            f"choose another data.dir, or run `megalm prepare --force` to replace it")
     if out.exists() and not (out / INDEX).is_file() and any(out.iterdir()):
         raise DataError(f"{out}: exists and is not a prepared data directory; choose another data.dir")
 

@@ -61,14 +61,10 @@ class Mesh:
     def get_model_parallel_group(self):
         return self.tp_group
 
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.tp_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.tp
-
-    def get_tensor_model_parallel_group(self):
-        return self.tp_group
+    # newer DeepSpeed code asks with the Megatron-Core names
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
 
     def get_data_parallel_rank(self) -> int:
         return self.dp_rank

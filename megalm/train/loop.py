@@ -72,8 +72,8 @@ def train(cfg: Config) -> Summary:
     if world.is_main:
         log.info(mesh.describe())
 
-    # ---- data (rank 0 prepares it if needed; the others wait)
-    if world.is_main and not (Path(cfg.data.dir) / "index.json").is_file():
+    # ---- data (rank 0 prepares it if needed, or checks it matches the config; the others wait)
+    if world.is_main:
         prepare(cfg.data)
     dist.barrier()
     index = read_index(cfg.data.dir)
