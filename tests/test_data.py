@@ -126,3 +126,19 @@ def test_prepare_cli_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("megalm: error: data.source:")
     assert "Traceback" not in proc.stderr
+
+
+def test_sources_directory_glob_and_stdlib(tmp_path):
+    from megalm.data.sources import open_source
+
+    corpus = make_corpus(tmp_path / "corpus")
+    (corpus / "notes.txt").write_text("plain text counts too\n")
+    (corpus / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    directory = open_source(str(corpus))
+    assert len(directory.files) == 26
+    docs = dict(directory.documents())
+    assert "notes.txt" in docs and "latin1.py" not in docs
+    assert directory.skipped == ["latin1.py (not UTF-8)"]  # counted and named, never silently dropped
+    assert len(open_source(f"{corpus}/*.py").files) == 25
+    stdlib = open_source("python-stdlib")
+    assert len(stdlib.files) > 500 and all(p.suffix == ".py" for p in stdlib.files[:50])

@@ -88,6 +88,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """On resume from ``step``: rows logged after it came from work the checkpoint lost."""
+    path = run_dir / "metrics.jsonl"
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
+    if path.is_file():
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def plot_loss(run_dir: Path) -> Path | None:
     """loss.png: training loss per logged step, validation loss per evaluation."""
     rows = read_metrics(run_dir)

@@ -21,7 +21,7 @@ from megalm.checkpoint import store
 from megalm.config import Config, validate
 from megalm.data.loader import TrainLoader, merge_states, validation_sequences
 from megalm.data.prepare import prepare, read_index
-from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, plot_loss
+from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, drop_metrics_after, plot_loss
 from megalm.model.transformer import parameter_count
 from megalm.parallel.distributed import World, all_gather_objects, all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import Mesh, build_mesh
@@ -104,8 +104,8 @@ def train(cfg: Config) -> Summary:
         store.load(engine, ckpt)
         step, tokens, data_state = meta["step"], meta["tokens"], meta["data_state"]
         log.info("resume: from %s (step %d, %d tokens)", ckpt, step, tokens)
-    if world.is_main and step == 0:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if world.is_main:
+        drop_metrics_after(run_dir, step)  # rows of steps the checkpoint does not hold are redone
 
     loader = TrainLoader(cfg.data.dir, index, seq_len=cfg.data.seq_len, streams=cfg.data.streams,
                          dp_rank=mesh.dp_rank, dp_size=dp, micro_batch_size=t.micro_batch_size,
@@ -180,9 +180,10 @@ def train(cfg: Config) -> Summary:
             break
 
     bar.close()
-    if math.isnan(val_loss):  # resumed a finished run: nothing trained, but report where it stands
-        log.info("train: %s already trained to step %d; evaluating it", run_dir, step)
+    if math.isnan(val_loss):  # e.g. resumed a finished run: report where the model stands anyway
+        log.info("train: no evaluation ran since step %d was reached; evaluating now", step)
         val_loss = evaluate(engine, val, world, mesh, t.micro_batch_size)
+        sink.write({"step": step, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
     sink.close()
     if world.is_main:
         plot_loss(run_dir)
