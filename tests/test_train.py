@@ -138,3 +138,15 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes(data_args, tmp_path)
     assert f"step {stopped_at}" in resumed.stderr
     steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2] and len(steps) == len(set(steps))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_bf16_tracks_fp32(single_run, data_args, tmp_path, zero_stage):
+    """bf16 (DeepSpeed keeps fp32 master weights) follows the fp32 losses to bf16 precision."""
+    run_dir = tmp_path / "bf16"
+    run_megalm("train", CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}", "train.precision=bf16",
+               f"train.zero_stage={zero_stage}", "train.steps=6", "train.eval_every=3")
+    losses, reference = train_losses(run_dir), train_losses(single_run)
+    assert all(math.isfinite(x) for x in losses)
+    assert max(abs(a - b) / b for a, b in zip(losses, reference)) < 2e-2, (losses, reference)
+    assert load_model(run_dir)[0].embed.tok.weight.dtype == torch.float32  # sampling runs in fp32
