@@ -142,3 +142,11 @@ def test_sources_directory_glob_and_stdlib(tmp_path):
     assert len(open_source(f"{corpus}/*.py").files) == 25
     stdlib = open_source("python-stdlib")
     assert len(stdlib.files) > 500 and all(p.suffix == ".py" for p in stdlib.files[:50])
+
+
+def test_prepare_with_a_given_tokenizer(prepared, tmp_path):
+    cfg, index = prepared
+    again = prepare(DataConfig(**{**cfg.__dict__, "dir": str(tmp_path / "again"),
+                                  "tokenizer": f"{cfg.dir}/tokenizer.json"}))
+    assert again["documents"] == index["documents"] and again["vocab_size"] == 512
+    assert again["train_tokens"] == index["train_tokens"]  # same tokenizer, same split, same tokens

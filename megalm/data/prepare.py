@@ -78,11 +78,20 @@ def prepare(cfg: DataConfig, force: bool = False) -> dict:
     t0 = time.time()
     source = open_source(cfg.source)
     log.info("data: reading %s (%d files)", source.description, len(source.files))
+    names: list[str] = []
+
+    def texts():  # one pass lists the documents and, unless a tokenizer is given, trains one
+        for name, text in source.documents():
+            names.append(name)
+            yield text
+
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
+        for _ in texts():
+            pass
     else:
-        tok = train_tokenizer((text for _, text in source.documents()), cfg.vocab_size)
-    names, skipped = _count_documents(source)
+        tok = train_tokenizer(texts(), cfg.vocab_size)
+    skipped = list(source.skipped)
     if not names:
         raise DataError(f"data.source: {source.description} has no non-empty UTF-8 text files "
                         f"({len(source.skipped)} skipped)")
@@ -137,11 +146,6 @@ def prepare(cfg: DataConfig, force: bool = False) -> dict:
              len(index["train"]), index["train_tokens"], len(index["val"]), index["val_tokens"], out,
              index["prepare_seconds"], len(skipped))
     return index
-
-
-def _count_documents(source) -> tuple[list[str], list[str]]:
-    names = [name for name, _ in source.documents()]
-    return names, list(source.skipped)
 
 
 def _validation_split(names: list[str], fraction: float, seed: int) -> set[str]:
