@@ -9,6 +9,7 @@ import torch
 
 import megalm_kernels as mk
 from megalm_kernels import dispatch, reference
+from tests.helpers import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Allowed ‖out − ref‖ / ‖ref‖ against float64: fp32 arithmetic lands far below 1e-4; bf16
@@ -52,10 +53,7 @@ def poisoned(monkeypatch):
     """Every output buffer starts as NaN, so a row or column the kernels never write fails."""
     from megalm_kernels import triton_attention
 
-    def nan_alloc(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
-
-    monkeypatch.setattr(triton_attention, "_alloc", nan_alloc)
+    poison_outputs(monkeypatch, triton_attention)
 
 
 # (B, Hq, Hkv, T, D, causal, dtype): lengths 1, 17, 129 around the interpreter's 32/64 blocks;

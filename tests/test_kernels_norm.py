@@ -9,6 +9,7 @@ import torch
 
 import megalm_kernels as mk
 from megalm_kernels import dispatch, reference
+from tests.helpers import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Allowed ‖out − ref‖ / ‖ref‖ against float64 (observed: ~1e-7 fp32, ~4e-3 bf16).
@@ -90,10 +91,7 @@ def poisoned(monkeypatch):
     """Every output buffer starts as NaN, so a row the kernels never write fails."""
     from megalm_kernels import triton_norm
 
-    def nan_alloc(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
-
-    monkeypatch.setattr(triton_norm, "_alloc", nan_alloc)
+    poison_outputs(monkeypatch, triton_norm)
 
 
 # (kind, hidden, dtype, residual, bias). Hidden 3000 takes the chunked path under the
