@@ -18,21 +18,22 @@ cd "$(dirname "$0")/.."
 stage=${1:-all}
 PY=${PYTHON:-python3}
 
-# megalm_kernels is the kernels/ directory under another name; a symlink stands in for the
-# editable install. Wheels gathered by ../shared/device/wheels.sh are used if carried in .whl/.
+# kernels/ is the project root of the megalm-kernels distribution: putting it on the path is
+# what `pip install -e ./kernels` would do (that machine is offline and may lack the setuptools
+# an editable build needs). $PWD makes megalm itself importable the same way. Wheels gathered by
+# ../shared/device/wheels.sh are used if carried in .whl/.
 site=$(mktemp -d)
-ln -s "$PWD/kernels" "$site/megalm_kernels"
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
 fi
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/kernels:$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p build
 export TRITON_CACHE_DIR=$PWD/build/triton-cache
 export TRITON_CACHE_AUTOTUNING=1
 export TORCH_EXTENSIONS_DIR=$PWD/build/torch-extensions
 export TORCHINDUCTOR_CACHE_DIR=$PWD/build/inductor-cache
 
-slug=$($PY -c "import torch; from megalm.bench.common import device_name, device_slug; \
+slug=$($PY -c "import torch; from megalm_kernels.benchmarking import device_name, device_slug; \
 print(device_slug(device_name(torch.device('cuda'))))")
 out=${OUT:-benchmarks/results}/$slug
 mkdir -p "$out/logs"
@@ -43,8 +44,7 @@ mkdir -p "$out/logs"
 } > "$out/logs/environment.txt" 2>&1
 
 run_tests() {
-    $PY -m pytest tests/test_kernels_attention.py tests/test_kernels_norm.py \
-        tests/test_kernels_cuda.py -q -rs --durations=15 2>&1 | tee "$out/logs/tests.txt"
+    $PY -m pytest kernels/tests -q -rs --durations=15 2>&1 | tee "$out/logs/tests.txt"
 }
 
 run_report() {
@@ -53,7 +53,7 @@ run_report() {
 }
 
 run_bench() {  # $1: ops, $2: result name
-    $PY -m megalm.bench.kernels --ops "$1" --name "$2" --out "$out" 2>&1 \
+    $PY -m megalm_kernels.bench --ops "$1" --name "$2" --out "$out" 2>&1 \
         | tee "$out/logs/$2.txt"
 }
 

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from megalm.config import CONFIG_DIR, ConfigError, load_config
+from megalm.config import ConfigError, load_config
 
 log = logging.getLogger("megalm")
 
@@ -27,7 +27,7 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args) -> int:
-    from megalm.train.loop import train
+    from megalm.train.trainer import train
 
     summary = train(load_config(args.config, args.overrides))
     if summary.run_dir and int(os.environ.get("RANK", "0")) == 0:
@@ -63,10 +63,10 @@ def cmd_generate(args) -> int:
 def cmd_quickstart(args) -> int:
     """Prepare python-stdlib, train the tiny model, report loss vs unigram entropy, sample."""
     from megalm.generate import generate_text
-    from megalm.train.loop import train
+    from megalm.train.trainer import train
 
     t0 = time.time()
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", args.overrides)
+    cfg = load_config("quickstart", args.overrides)
     summary = train(cfg)
     prompt = "def main():\n    "
     sample = generate_text(summary.run_dir, prompt, max_tokens=80, temperature=0.8, top_k=50, top_p=0.95, seed=0)
@@ -86,9 +86,9 @@ def cmd_quickstart(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what == "kernels":
-        from megalm.bench import kernels
+        from megalm_kernels import bench
 
-        return kernels.main(args.rest)
+        return bench.main(args.rest)
     raise ConfigError(f"bench: unknown benchmark {args.what!r}")
 
 
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp, required=True):
-        sp.add_argument("config", nargs=None if required else "?", help="run YAML, e.g. configs/quickstart.yaml")
+        sp.add_argument("config", nargs=None if required else "?",
+                        help="run YAML (e.g. configs/quickstart.yaml) or the name of a shipped run (quickstart)")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 model.n_layers=2")
 
     sp = sub.add_parser("train", help="train a model (plain process, or under torchrun for data parallel)")
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("quickstart", help="prepare python-stdlib, train the tiny model, sample from it")
-    sp.add_argument("overrides", nargs="*", help="dotted overrides of configs/quickstart.yaml")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides of the shipped quickstart run")
     sp.set_defaults(func=cmd_quickstart)
 
     sp = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
-    from megalm.checkpoint.store import CheckpointError
+    from megalm.checkpoint.meta import CheckpointError
     from megalm.data.sources import DataError
 
     try:

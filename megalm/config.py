@@ -1,11 +1,16 @@
 """The run configuration: a typed schema, YAML loading with model presets, dotted overrides.
 
-Every knob is a dataclass field with a default and a one-line help (``field(help=...)``). A run
-file may name a model preset (``model: tiny`` loads ``configs/model/tiny.yaml``; a mapping with
-``from: tiny`` loads the preset and then applies its own keys). Command-line overrides are
-``section.key=value`` strings parsed as YAML scalars. Everything is checked before any process
-group starts: unknown keys (with the closest valid name), wrong types, bad values and impossible
-combinations raise :class:`ConfigError` naming the key path.
+Every knob is a dataclass field with a default and a one-line help (``field(help=...)``).
+
+Run files and model presets ship inside the package (``megalm/configs/``, also reachable as the
+checkout's top-level ``configs/``), so an installed wheel finds them from any directory. A run is
+given by path (``configs/quickstart.yaml``, ``~/runs/mine.yaml``) or by the name of a shipped run
+(``quickstart``). A run file names its model as a preset (``model: tiny``), as a YAML file of its
+own (``model: my-model.yaml``, relative to the run file), or inline; a mapping with ``from:`` loads
+that preset or file and then applies its own keys. Command-line overrides are ``section.key=value``
+strings parsed as YAML scalars. Everything is checked before any process group starts: unknown
+keys (with the closest valid name), wrong types, bad values and impossible combinations raise
+:class:`ConfigError` naming the key path.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped runs; presets in model/
 
 
 class ConfigError(ValueError):
@@ -166,11 +171,12 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a run file (or the defaults when path is None), apply overrides, validate."""
+    """Read a run file (a path, a shipped run's name, or None for the defaults), apply overrides,
+    validate."""
     raw: dict = {}
     base_dir = CONFIG_DIR
     if path is not None:
-        path = Path(path)
+        path = run_file(path)
         raw = _read_yaml(path)
         base_dir = path.resolve().parent
     raw = _expand_model_preset(raw, base_dir)
@@ -179,12 +185,28 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.steps=50")
         if key == "model" and not value.startswith("{"):
-            raw = _expand_model_preset({**raw, "model": value}, base_dir)
+            raw = _expand_model_preset({**raw, "model": value}, Path.cwd())
             continue
         _set_dotted(raw, key.split("."), yaml.safe_load(value) if value != "" else "")
     cfg = from_dict(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def shipped(kind: str = "") -> list[str]:
+    """Names of the runs (kind "") or model presets (kind "model") that ship with megalm."""
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def run_file(name: str | Path) -> Path:
+    """A run given by path, or by the name of a shipped run (``quickstart``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and (CONFIG_DIR / f"{path.stem}.yaml").is_file():
+        return CONFIG_DIR / f"{path.stem}.yaml"
+    raise ConfigError(f"{name}: no such config file, nor a shipped run of that name "
+                      f"(shipped runs: {', '.join(shipped())})")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -202,18 +224,22 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _expand_model_preset(raw: dict, base_dir: Path) -> dict:
-    """``model: NAME`` or ``model: {from: NAME, ...}`` -> the preset's keys, then the run's own."""
+    """``model: NAME`` or ``model: {from: NAME, ...}`` -> the preset's keys, then the run's own.
+
+    NAME is a YAML file (absolute, or relative to ``base_dir``, the run file's directory), a preset
+    beside the run file (``base_dir/model/NAME.yaml``), or a shipped preset."""
     model = raw.get("model")
     if isinstance(model, str):
         model = {"from": model}
     if not isinstance(model, dict) or "from" not in model:
         return raw
-    name = model["from"]
-    candidates = [base_dir / "model" / f"{name}.yaml", CONFIG_DIR / "model" / f"{name}.yaml", Path(str(name))]
+    name = str(model["from"])
+    candidates = [base_dir / Path(name).expanduser(), base_dir / "model" / f"{name}.yaml",
+                  CONFIG_DIR / "model" / f"{name}.yaml"]
     preset_path = next((p for p in candidates if p.is_file()), None)
     if preset_path is None:
-        known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-        raise ConfigError(f"model: no preset named {name!r}; known presets: {', '.join(known)}")
+        raise ConfigError(f"model: no preset or model file named {name!r} (looked in {base_dir}); "
+                          f"shipped presets: {', '.join(shipped('model'))}")
     preset = _read_yaml(preset_path)
     rest = {k: v for k, v in model.items() if k != "from"}
     return {**raw, "model": {**preset, **rest}}

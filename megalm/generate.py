@@ -24,10 +24,9 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Path
     """The model of a run dir's latest checkpoint (or of one checkpoint dir), in eval mode."""
     ckpt = store.resolve(path)
     meta = store.verify(ckpt)
-    model_cfg = from_dict(ModelConfig, meta["config"]["model"], "model")
+    model_cfg = from_dict(ModelConfig, meta.config["model"], "model")
     model = Transformer(model_cfg)
-    model.load_state_dict(full_model_state(ckpt, model_cfg, meta["config"]["parallel"],
-                                           meta["config"]["train"]["zero_stage"]))
+    model.load_state_dict(full_model_state(ckpt, model_cfg, meta.layout))
     return model.to(device).eval(), ckpt
 
 

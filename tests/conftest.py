@@ -1,27 +1,10 @@
-"""Shared pytest set-up: CPU-only by default, Triton kernels in interpreter mode without a GPU."""
-import os
+"""Shared fixtures of the framework's tests (the kernels' tests have their own, in kernels/tests)."""
 
-import torch
+import pytest
 
-# Triton decides at decoration time whether a kernel is interpreted, so this must be set before
-# anything imports a kernel module. Without a GPU the interpreter runs kernels on CPU tensors.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.helpers import CONFIG, TINY, make_corpus, run_megalm
 
-import pytest  # noqa: E402
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
-
-
-# ---- shared training fixtures (session-scoped: each is a real, separately launched run)
-from tests.helpers import CONFIG, TINY, make_corpus, run_megalm  # noqa: E402
+# session-scoped: each is a real, separately launched run
 
 
 @pytest.fixture(scope="session")

@@ -85,11 +85,3 @@ def compare_parameters(run_dir: Path, reference: Path) -> tuple[float, float]:
         norm = torch.sqrt(sum((ref[k] ** 2).sum() for k in ref))
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
     return (diff / norm).item(), worst
-
-
-def poison_outputs(monkeypatch, module) -> None:
-    """Make ``module._alloc`` hand out NaN-filled buffers, so anything a kernel never writes fails."""
-    def nan_alloc(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
-
-    monkeypatch.setattr(module, "_alloc", nan_alloc)

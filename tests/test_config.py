@@ -4,7 +4,7 @@ import pytest
 
 from megalm.config import ConfigError, load_config, validate
 from megalm.cli import main
-from tests.helpers import REPO
+from tests.helpers import CONFIG, REPO, TINY, run_megalm
 
 
 def test_quickstart_resolves_preset_and_overrides():
@@ -29,7 +29,7 @@ def test_every_model_preset_loads():
     (["model.d_model=100", "model.n_heads=3"], "model.d_model: 100 is not divisible by model.n_heads=3"),
     (["train.lr=-1"], "train.min_lr"),
     (["train.steps"], "expected key.path=value"),
-    (["model=nosuch"], "model: no preset named 'nosuch'"),
+    (["model=nosuch"], "model: no preset or model file named 'nosuch'"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("(", r"\(")):
@@ -61,3 +61,28 @@ def test_config_show_prints_resolved_yaml(capsys):
     assert main(["config", "show", str(REPO / "configs/quickstart.yaml"), "model.n_layers=3"]) == 0
     out = capsys.readouterr().out
     assert "n_layers: 3" in out and "name: tiny" in out and "zero_stage: 0" in out
+
+
+def test_shipped_runs_by_name_and_model_files_beside_the_run(tmp_path):
+    assert load_config("quickstart").model.name == "tiny"  # what an installed wheel resolves
+    with pytest.raises(ConfigError, match="nosuch: no such config file, nor a shipped run .*quickstart"):
+        load_config("nosuch")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.yaml").write_text("name: mine\nstyle: llama\nn_layers: 2\nd_model: 64\nn_heads: 4\n")
+    run = tmp_path / "runs" / "run.yaml"
+    run.parent.mkdir()
+    run.write_text("model: {from: ../models/mine.yaml, n_layers: 3}\ntrain: {steps: 70}\n")
+    cfg = load_config(run)
+    assert (cfg.model.name, cfg.model.style, cfg.model.n_layers, cfg.train.steps) == ("mine", "llama", 3, 70)
+    run.write_text("model: gpt2-125m\n")  # a shipped preset, from a run file anywhere
+    assert load_config(run).model.n_layers == 12
+
+
+def test_errors_after_the_data_is_known_are_one_line(data_args, tmp_path):
+    """The model's vocabulary is checked against the tokenizer's once the data is prepared."""
+    proc = run_megalm("train", CONFIG, *TINY, *data_args, "model.vocab_size=256", f"train.run_dir={tmp_path}/run",
+                      check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("megalm: config error: model.vocab_size: 256 is smaller than the "
+                                                    "tokenizer's vocabulary of 512")
+    assert "Traceback" not in proc.stderr

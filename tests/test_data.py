@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megalm.config import DataConfig
-from megalm.data.loader import TrainLoader, merge_states, validation_sequences
+from megalm.data.loader import TrainLoader, validation_sequences
+from megalm.data.manifest import DataManifest
 from megalm.data.prepare import prepare
 from megalm.data.sources import DataError
 from megalm.data.tokenizer import load_tokenizer
@@ -25,21 +26,25 @@ def prepared(tmp_path_factory):
 
 
 def loader(cfg, index, rank=0, dp=1, mbs=8, accum=1, workers=0, state=None, seq_len=32):
-    return TrainLoader(cfg.dir, index, seq_len=seq_len, streams=cfg.streams, dp_rank=rank, dp_size=dp,
-                       micro_batch_size=mbs, grad_accum=accum, num_workers=workers, seed=3, state=state)
+    it = TrainLoader(cfg.dir, index, seq_len=seq_len, streams=cfg.streams, dp_rank=rank, dp_size=dp, dp_group=None,
+                     micro_batch_size=mbs, grad_accum=accum, num_workers=workers, seed=3)
+    if state is not None:
+        it.load_state_dict(state)
+    return it
 
 
 def test_prepare_writes_tokenizer_shards_and_manifest(prepared):
     cfg, index = prepared
     files = sorted(p.name for p in __import__("pathlib").Path(cfg.dir).iterdir())
     assert "index.json" in files and "tokenizer.json" in files
-    assert len(index["train"]) >= cfg.streams and len(index["val"]) >= 1
-    assert index["documents"] == 24 and index["skipped"] == []
+    assert len(index.train) >= cfg.streams and len(index.val) >= 1
+    assert index.documents == 24 and index.skipped == []
     tok = load_tokenizer(f"{cfg.dir}/tokenizer.json")
-    assert tok.get_vocab_size() == 512 == index["vocab_size"]
+    assert tok.get_vocab_size() == 512 == index.vocab_size
     assert tok.decode(tok.encode("def f(x):\n    return x").ids) == "def f(x):\n    return x"
-    assert sum(s["tokens"] for s in index["train"]) + index["val_tokens"] > 0
-    assert 0 < index["unigram_entropy_nats"] < np.log(512)
+    assert sum(s.tokens for s in index.train) == index.train_tokens - sum(s.samples for s in index.train)
+    assert 0 < index.unigram_entropy_nats < np.log(512)
+    assert DataManifest.read(cfg.dir) == index  # the record reads back to what was written
     # the same settings again reuse the directory; different settings are refused
     assert prepare(cfg) == index
     with pytest.raises(DataError, match="already holds data prepared with other settings"):
@@ -80,7 +85,8 @@ def test_resume_is_exact_even_on_another_dp_size(prepared):
     for _ in range(12):
         for r in first:
             next(r)
-    state = json.loads(json.dumps(merge_states([r.state_dict() for r in first])))  # as in a checkpoint
+    positions = {k: v for r in first for k, v in r.local_positions().items()}  # what state_dict gathers
+    state = json.loads(json.dumps({"streams": cfg.streams, "positions": positions}))  # as in a checkpoint
     resumed = loader(cfg, index, mbs=8, state=state, seq_len=512)
     for step in range(12, 60):
         torch.testing.assert_close(torch.cat(next(resumed)), reference[step])
@@ -98,7 +104,7 @@ def test_corrupt_or_truncated_shard_is_named(prepared, tmp_path):
     cfg, index = prepared
     copy = tmp_path / "copy"
     shutil.copytree(cfg.dir, copy)
-    shard = copy / index["train"][0]["name"]
+    shard = copy / index.train[0].name
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     it = loader(DataConfig(**{**cfg.__dict__, "dir": str(copy)}), index, mbs=4, seq_len=512)
     with pytest.raises(DataError, match=f"shard {shard}: unreadable"):
@@ -148,5 +154,22 @@ def test_prepare_with_a_given_tokenizer(prepared, tmp_path):
     cfg, index = prepared
     again = prepare(DataConfig(**{**cfg.__dict__, "dir": str(tmp_path / "again"),
                                   "tokenizer": f"{cfg.dir}/tokenizer.json"}))
-    assert again["documents"] == index["documents"] and again["vocab_size"] == 512
-    assert again["train_tokens"] == index["train_tokens"]  # same tokenizer, same split, same tokens
+    assert again.documents == index.documents and again.vocab_size == 512
+    assert again.train_tokens == index.train_tokens  # same tokenizer, same split, same tokens
+
+
+def test_manifest_versions_and_fields_are_checked(prepared, tmp_path):
+    cfg, index = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.dir, copy)
+    raw = json.loads((copy / "index.json").read_text())
+    cases = [
+        ({**raw, "version": 99}, r"version 99 is newer than this megalm reads \(2\); upgrade megalm"),
+        ({k: v for k, v in raw.items() if k != "version"}, "no version field"),
+        ({**raw, "train": [{"name": "x.tar", "samples": "many", "tokens": 1}]}, r"train\[0\].samples: expected int"),
+        ({**raw, "shards": []}, r"unknown fields \['shards'\]"),
+    ]
+    for bad, message in cases:
+        (copy / "index.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=f"{copy / 'index.json'}: .*{message}.*megalm prepare --force"):
+            DataManifest.read(copy)

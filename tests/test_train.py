@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megalm.checkpoint import store
-from megalm.data.prepare import read_index
+from megalm.data.prepare import read_manifest
 from megalm.generate import load_model
 from tests.helpers import CONFIG, TINY, compare_parameters, metrics, run_megalm, torchrun, train_losses
 
@@ -40,7 +40,7 @@ def test_loss_falls(data_dir, data_args, tmp_path):
                "train.micro_batch_size=16", "data.seq_len=64", "model.d_model=96")
     losses = train_losses(run_dir)
     val = [r["val_loss"] for r in metrics(run_dir) if "val_loss" in r]
-    entropy = read_index(data_dir)["unigram_entropy_nats"]
+    entropy = read_manifest(data_dir).unigram_entropy_nats
     assert losses[-1] < losses[0] - 0.7, losses
     assert val[-1] < entropy - 0.3, (val, entropy)  # it uses context, not just token frequencies
 
@@ -51,12 +51,12 @@ def test_checkpoint_reloads_to_the_same_model(single_run, data_dir):
     meta = store.verify(ckpt)
     from megalm.data.loader import validation_sequences
 
-    val = validation_sequences(data_dir, read_index(data_dir), 32, 16)
+    val = validation_sequences(data_dir, read_manifest(data_dir), 32, 16)
     with torch.no_grad():
         loss = sum(model(b[:, :-1], b[:, 1:]).double() * len(b) for b in val.split(4)) / len(val)
     trained_val = [r["val_loss"] for r in metrics(single_run) if "val_loss" in r][-1]
     assert loss.item() == pytest.approx(trained_val, rel=1e-6)
-    assert meta["step"] == 6 and meta["tokens"] == 6 * 4 * 32
+    assert meta.step == 6 and meta.state["train"]["tokens"] == 6 * 4 * 32
 
 
 def test_resume_continues_exactly(single_run, tmp_path):

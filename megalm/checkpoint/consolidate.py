@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from megalm.checkpoint.store import CheckpointError
+from megalm.checkpoint.meta import CheckpointError, Layout
 from megalm.config import ModelConfig
-from megalm.model.transformer import Transformer
+from megalm.model.transformer import Transformer, layer_ids
 from megalm.parallel.mesh import Mesh
 
 
-def full_model_state(ckpt: Path, model_cfg: ModelConfig, parallel: dict, zero_stage: int) -> dict[str, torch.Tensor]:
-    tp, pp = parallel["tp"], parallel["pp"]
+def full_model_state(ckpt: Path, model_cfg: ModelConfig, layout: Layout) -> dict[str, torch.Tensor]:
+    tp, pp, zero_stage = layout.tp, layout.pp, layout.zero_stage
     if tp == 1 and pp == 1:
         if any(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -51,18 +51,14 @@ def full_model_state(ckpt: Path, model_cfg: ModelConfig, parallel: dict, zero_st
 def _tensor_rank_state(ckpt: Path, cfg: ModelConfig, tp_rank: int, pp: int) -> dict[str, torch.Tensor]:
     if pp == 1:
         return _float(_load(ckpt / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"])
-    # pipeline layer i -> the one-process Transformer's module names (see model/transformer.py)
-    n = cfg.n_layers
-    prefixes = {0: "embed.", n + 1: "norm.", n + 2: "head."}
-    prefixes.update({i + 1: f"blocks.{i}." for i in range(n)})
     state = {}
-    for layer, prefix in prefixes.items():
+    for name, layer in layer_ids(cfg).items():  # pipeline layer i holds the module named name
         path = ckpt / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
         if not path.is_file():
-            if layer == n + 2 and cfg.tie_embeddings:
-                continue  # the tied head is the embedding, saved with layer 0
+            if name == "head" and cfg.tie_embeddings:
+                continue  # the tied head is the embedding, saved with it
             raise CheckpointError(f"{ckpt}: missing {path.name}")
-        state.update({prefix + k: v for k, v in _float(_load(path)).items()})
+        state.update({f"{name}.{k}": v for k, v in _float(_load(path)).items()})
     return state
 
 

@@ -1,96 +1,131 @@
-"""Saving and resuming training: DeepSpeed's sharded checkpoint plus megalm's state, never torn.
+"""Saving and resuming training: every stateful part's state, sharded per rank, never torn.
 
 Layout under ``RUN_DIR/checkpoints/``::
 
-    step_00000100/          one complete checkpoint (DeepSpeed files of every rank + meta.json)
+    step_00000100/          one complete checkpoint:
+        (DeepSpeed files)       the engine's model and optimizer shards, one set per rank
+        rank_00000.pt …         each rank's own parts (e.g. its RNG streams)
+        meta.json               the step, the layout, the shared parts' states, every file's size
     latest                  the name of the newest complete checkpoint
 
-Each checkpoint is written under a temporary name (``.tmp.step_…``) by every rank; only after all
-ranks finished does rank 0 write ``meta.json`` (step, data-loader state, config, file sizes),
-rename the directory into place and then move ``latest``. A directory without ``meta.json`` or
-whose files do not match it is never resumed from: the loader says why and falls back to the
-previous complete checkpoint.
+The checkpointer knows nothing of the parts' insides: it is handed the engine and two sets of
+objects with ``state_dict()``/``load_state_dict()``, the *shared* parts (one state for the whole
+run, e.g. step counters and the data position; ``state_dict`` may be collective) and the
+*per-rank* parts (one state per rank). A checkpoint is written under a temporary name by every
+rank; only after all ranks finished does rank 0 write ``meta.json``, rename the directory into
+place and then move ``latest``. A directory without ``meta.json`` or whose files do not match it is
+never resumed from: the search says why and falls back to the previous complete checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
+import torch
 import torch.distributed as dist
+
+from megalm.checkpoint.meta import CheckpointError, CheckpointMeta, Layout
+from megalm.records import atomic_write_text, fsync_dir
 
 log = logging.getLogger("megalm.checkpoint")
 
-META = "meta.json"
 LATEST = "latest"
 PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was asked for."""
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
 
 
-def save(engine, run_dir: str | Path, step: int, meta: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
-    root = checkpoint_root(run_dir)
-    tag = f"{PREFIX}{step:08d}"
-    tmp_tag = f".tmp.{tag}"
-    if dist.get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left by a save that died
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    dist.barrier()  # every rank's shards are on disk
-    final = root / tag
-    if dist.get_rank() == 0:
-        files = {str(p.relative_to(root / tmp_tag)): p.stat().st_size
-                 for p in sorted((root / tmp_tag).rglob("*")) if p.is_file()}
-        _atomic_write(root / tmp_tag / META, json.dumps({**meta, "step": step, "files": files}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(root / tmp_tag, final)
-        _atomic_write(root / LATEST, tag)
-        _apply_retention(root, keep)
-    dist.barrier()
-    return final
+class Checkpointer:
+    """Saves and restores one run's engine and parts under ``RUN_DIR/checkpoints``."""
 
+    def __init__(self, run_dir: str | Path, engine, layout: Layout, config: dict, *,
+                 shared: dict[str, Stateful], per_rank: dict[str, Stateful], keep: int):
+        self.root = checkpoint_root(run_dir)
+        self.engine, self.layout, self.config = engine, layout, config
+        self.shared, self.per_rank, self.keep = shared, per_rank, keep
+        self.rank = dist.get_rank()
 
-def _apply_retention(root: Path, keep: int) -> None:
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint: removed %s (keeping the newest %d)", old.name, keep)
+    def save(self, step: int) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint directory."""
+        tag = f"{PREFIX}{step:08d}"
+        tmp = self.root / f".tmp.{tag}"
+        shared = {name: part.state_dict() for name, part in self.shared.items()}  # may be collective
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        torch.save({name: part.state_dict() for name, part in self.per_rank.items()}, tmp / rank_file(self.rank))
+        dist.barrier()  # every rank's files are on disk
+        final = self.root / tag
+        if self.rank == 0:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            CheckpointMeta(step=step, layout=self.layout, config=self.config, state=shared, files=files).write(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+            atomic_write_text(self.root / LATEST, tag)
+            self._apply_retention()
+        dist.barrier()
+        return final
+
+    def resume(self) -> CheckpointMeta | None:
+        """Collective: restore the newest complete checkpoint, if any; returns its meta."""
+        found = find_resumable(self.root.parent) if self.rank == 0 else None
+        gathered = [found]
+        dist.broadcast_object_list(gathered, src=0)
+        if gathered[0] is None:
+            return None
+        ckpt, meta = gathered[0]
+        if meta.layout != self.layout:
+            raise CheckpointError(f"{ckpt}: saved with layout {meta.layout}, this run is {self.layout}; "
+                                  f"resuming on another layout is not supported yet: restart with the saved one")
+        path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
+        for name, part in self.shared.items():
+            part.load_state_dict(meta.state[name])
+        mine = torch.load(ckpt / rank_file(self.rank), map_location="cpu", weights_only=False)
+        for name, part in self.per_rank.items():
+            part.load_state_dict(mine[name])
+        log.info("resume: from %s (step %d)", ckpt, meta.step)
+        return meta
+
+    def _apply_retention(self) -> None:
+        for old in complete_checkpoints(self.root)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint: removed %s (keeping the newest %d)", old.name, self.keep)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories with a meta.json, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / META).is_file())
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / CheckpointMeta.FILE).is_file())
 
 
-def verify(ckpt: Path) -> dict:
-    """meta.json of a checkpoint whose files are all present with their recorded sizes."""
-    try:
-        meta = json.loads((ckpt / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt}: unreadable {META} ({e})") from None
-    for name, size in meta.get("files", {}).items():
+def verify(ckpt: Path) -> CheckpointMeta:
+    """The meta of a checkpoint whose files are all present with their recorded sizes."""
+    meta = CheckpointMeta.read(ckpt)
+    for name, size in meta.files.items():
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"{ckpt}: missing {name}")
@@ -99,7 +134,7 @@ def verify(ckpt: Path) -> dict:
     return meta
 
 
-def find_resumable(run_dir: str | Path) -> tuple[Path, dict] | None:
+def find_resumable(run_dir: str | Path) -> tuple[Path, CheckpointMeta] | None:
     """The newest checkpoint that verifies, preferring the one ``latest`` names; None if none."""
     root = checkpoint_root(run_dir)
     candidates = list(reversed(complete_checkpoints(root)))
@@ -120,18 +155,10 @@ def find_resumable(run_dir: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
-def load(engine, ckpt: Path) -> None:
-    """Collective: restore model, optimizer, LR schedule (DeepSpeed) from a verified checkpoint."""
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
-
-
 def resolve(path: str | Path) -> Path:
     """A run dir, its checkpoints dir, or one checkpoint dir -> one verified checkpoint dir."""
     path = Path(path)
-    if (path / META).is_file():
+    if (path / CheckpointMeta.FILE).is_file():
         verify(path)
         return path
     for run_dir in (path, path.parent):
@@ -139,5 +166,4 @@ def resolve(path: str | Path) -> Path:
         if found:
             return found[0]
     raise CheckpointError(f"{path}: no complete checkpoint found (expected a run dir, its checkpoints/ "
-                          f"or a {PREFIX}N directory with {META})")
-
+                          f"or a {PREFIX}N directory with {CheckpointMeta.FILE})")

@@ -23,9 +23,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megalm.data.manifest import DataManifest, ShardEntry
 from megalm.data.sources import DataError
 
 log = logging.getLogger("megalm.data")
@@ -61,7 +63,7 @@ def read_shard(path: Path, expected_samples: int) -> list[np.ndarray]:
 class Stream:
     """One stream's walk over its shards, yielding (sequence, position after it)."""
 
-    def __init__(self, data_dir: Path, shards: list[dict], stream_id: int, seq_len: int, eot: int, seed: int):
+    def __init__(self, data_dir: Path, shards: list[ShardEntry], stream_id: int, seq_len: int, eot: int, seed: int):
         if not shards:
             raise DataError(f"{data_dir}: stream {stream_id} has no shards; prepare with more shards "
                             f"(smaller data.shard_tokens) or use fewer data.streams")
@@ -74,7 +76,7 @@ class Stream:
     def _documents(self, epoch: int, slot: int) -> list[np.ndarray]:
         shard_index = int(self._shard_order(epoch)[slot])
         shard = self.shards[shard_index]
-        docs = read_shard(self.data_dir / shard["name"], shard["samples"])
+        docs = read_shard(self.data_dir / shard.name, shard.samples)
         order = np.random.default_rng([self.seed, self.id, epoch, shard_index]).permutation(len(docs))
         eot = np.array([self.eot])
         return [np.concatenate([docs[i].astype(np.int64), eot]) for i in order]
@@ -131,33 +133,36 @@ class _StepChunks(IterableDataset):
 class TrainLoader:
     """Per-rank iterator of training steps; each step is a (micro_batches, seq_len + 1) tensor list.
 
-    ``state_dict()`` holds the positions of this rank's streams after the last step handed out;
-    gather every rank's state (see ``merge_states``) for a checkpoint that any layout can resume.
+    Its state is the position of every stream after the last step handed out. ``state_dict()`` is
+    collective over the data-parallel group: it gathers all ranks' streams, so the state is the
+    same on every rank and resumes on any layout. ``load_state_dict`` must come before the first
+    step (the streams start reading, in worker processes, at the first ``next``).
     """
 
-    def __init__(self, data_dir: str | Path, index: dict, *, seq_len: int, streams: int, dp_rank: int,
-                 dp_size: int, micro_batch_size: int, grad_accum: int, num_workers: int, seed: int,
-                 state: dict | None = None):
+    def __init__(self, data_dir: str | Path, manifest: DataManifest, *, seq_len: int, streams: int, dp_rank: int,
+                 dp_size: int, dp_group, micro_batch_size: int, grad_accum: int, num_workers: int, seed: int):
         data_dir = Path(data_dir)
-        if len(index["train"]) < streams:
-            raise DataError(f"{data_dir}: {len(index['train'])} train shards cannot feed data.streams={streams}; "
+        if len(manifest.train) < streams:
+            raise DataError(f"{data_dir}: {len(manifest.train)} train shards cannot feed data.streams={streams}; "
                             f"prepare with data.streams={streams} or use fewer streams")
-        self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
-        global_batch = micro_batch_size * grad_accum * dp_size
-        self.per_stream = global_batch // streams
+        self.micro_batch_size, self.num_workers, self.dp_group = micro_batch_size, num_workers, dp_group
+        self.per_stream = micro_batch_size * grad_accum * dp_size // streams
+        self.streams = streams
         self.owned = list(range(dp_rank, streams, dp_size))
-        self.positions = {s: StreamPosition(**(state or {}).get(str(s), {})) for s in self.owned}
-        shards_of = [[sh for i, sh in enumerate(index["train"]) if i % streams == s] for s in range(streams)]
-        self._streams = [Stream(data_dir, shards_of[s], s, seq_len, index["eot_id"], seed) for s in self.owned]
-        dataset = _StepChunks(self._streams, self.per_stream, dict(self.positions))
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
-        self._chunks = iter(self._loader)
+        self.positions = {s: StreamPosition() for s in self.owned}
+        shards_of = [[sh for i, sh in enumerate(manifest.train) if i % streams == s] for s in range(streams)]
+        self._streams = [Stream(data_dir, shards_of[s], s, seq_len, manifest.eot_id, seed) for s in self.owned]
+        self._chunks = None  # the DataLoader's iterator, started by the first step
 
     def __iter__(self):
         return self
 
     def __next__(self) -> list[torch.Tensor]:
+        if self._chunks is None:
+            dataset = _StepChunks(self._streams, self.per_stream, dict(self.positions))
+            workers = self.num_workers
+            self._chunks = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None))
         chunks = {}
         for _ in self.owned:
             stream_id, seqs, pos = next(self._chunks)
@@ -166,22 +171,29 @@ class TrainLoader:
         batch = torch.cat([chunks[s] for s in self.owned])
         return list(batch.split(self.micro_batch_size))
 
-    def state_dict(self) -> dict:
+    def local_positions(self) -> dict[str, dict]:
+        """This rank's streams' positions (stream id as a string, as in JSON)."""
         return {str(s): asdict(p) for s, p in self.positions.items()}
 
+    def state_dict(self) -> dict:
+        """Positions of all streams (collective over the data-parallel group)."""
+        gathered = [None] * dist.get_world_size(self.dp_group)
+        dist.all_gather_object(gathered, self.local_positions(), group=self.dp_group)
+        return {"streams": self.streams, "positions": {k: v for part in gathered for k, v in part.items()}}
 
-def merge_states(states: list[dict]) -> dict:
-    """Union of every rank's stream positions: the loader state a checkpoint stores."""
-    merged = {}
-    for state in states:
-        merged.update(state)
-    return merged
+    def load_state_dict(self, state: dict) -> None:
+        if self._chunks is not None:
+            raise RuntimeError("TrainLoader.load_state_dict after the first step: the streams already started")
+        if state["streams"] != self.streams:
+            raise DataError(f"data.streams: the checkpoint's data position is for {state['streams']} streams, "
+                            f"this run has {self.streams}; resume with data.streams={state['streams']}")
+        self.positions = {s: StreamPosition(**state["positions"][str(s)]) for s in self.owned}
 
 
 VAL_TOKEN_CAP = 16_000_000  # validation sequences are drawn from at most this many tokens
 
 
-def validation_sequences(data_dir: str | Path, index: dict, seq_len: int, count: int) -> torch.Tensor:
+def validation_sequences(data_dir: str | Path, manifest: DataManifest, seq_len: int, count: int) -> torch.Tensor:
     """``count`` sequences spread evenly over the validation split (fewer if it is small).
 
     Spreading them matters: the first few documents alone are not a fair sample of the corpus.
@@ -189,9 +201,9 @@ def validation_sequences(data_dir: str | Path, index: dict, seq_len: int, count:
     data_dir = Path(data_dir)
     need = seq_len + 1
     pieces, have = [], 0
-    eot = np.array([index["eot_id"]], dtype=np.int32)
-    for shard in index["val"]:
-        for doc in read_shard(data_dir / shard["name"], shard["samples"]):
+    eot = np.array([manifest.eot_id], dtype=np.int32)
+    for shard in manifest.val:
+        for doc in read_shard(data_dir / shard.name, shard.samples):
             pieces += [doc.astype(np.int32), eot]
             have += len(doc) + 1
         if have >= VAL_TOKEN_CAP:

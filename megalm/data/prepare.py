@@ -11,7 +11,6 @@ when complete, so an interrupted prepare never leaves a directory that looks val
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -23,56 +22,38 @@ import numpy as np
 import webdataset as wds
 
 from megalm.config import DataConfig
+from megalm.data.manifest import DataManifest, PrepareSettings, ShardEntry
 from megalm.data.sources import DataError, open_source
 from megalm.data.tokenizer import eot_id, load_tokenizer, train_tokenizer
 
 log = logging.getLogger("megalm.data")
 
-INDEX = "index.json"
-FORMAT_VERSION = 1
 ENCODE_BATCH = 256
 
 
-def prepare_settings(cfg: DataConfig) -> dict:
-    """The settings that determine a prepared directory's contents."""
-    return {
-        "source": cfg.source, "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
-        "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens,
-        "streams": cfg.streams, "seed": cfg.seed,
-    }
+def read_manifest(data_dir: str | Path) -> DataManifest:
+    """The manifest of a prepared directory; a missing one says to run ``megalm prepare``."""
+    if not (Path(data_dir) / DataManifest.FILE).is_file():
+        raise DataError(f"{Path(data_dir) / DataManifest.FILE}: not found; run `megalm prepare` for this data.dir first")
+    return DataManifest.read(data_dir)
 
 
-def read_index(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / INDEX
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `megalm prepare` for this data.dir first")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: corrupt index ({e}); delete {data_dir} and run `megalm prepare` again") from None
-    if index.get("format") != FORMAT_VERSION:
-        raise DataError(f"{path}: format {index.get('format')!r}, this megalm reads format {FORMAT_VERSION}")
-    return index
-
-
-def prepare(cfg: DataConfig, force: bool = False) -> dict:
+def prepare(cfg: DataConfig, force: bool = False) -> DataManifest:
     """Prepare ``cfg.dir`` from ``cfg.source`` unless it already holds the same preparation."""
     out = Path(cfg.dir)
-    if (out / INDEX).is_file() and not force:
-        index = read_index(out)
-        # data.streams only sets a minimum number of shards: a directory with enough serves any
-        same = {k: v for k, v in index["settings"].items() if k != "streams"}
-        if same == {k: v for k, v in prepare_settings(cfg).items() if k != "streams"}:
+    settings = PrepareSettings.of(cfg)
+    if (out / DataManifest.FILE).is_file() and not force:
+        manifest = read_manifest(out)
+        differ = settings.differences(manifest.settings)
+        if not differ:
             log.info("data: %s already prepared (%d train shards, %d tokens); reusing it",
-                     out, len(index["train"]), index["train_tokens"])
-            return index
-        differ = {f"data.{k}": (v, index["settings"].get(k)) for k, v in prepare_settings(cfg).items()
-                  if k != "streams" and index["settings"].get(k) != v}
+                     out, len(manifest.train), manifest.train_tokens)
+            return manifest
         raise DataError(
             f"{out}: already holds data prepared with other settings "
             f"({', '.join(f'{k}={new!r} here, {old!r} there' for k, (new, old) in differ.items())}); "
             f"choose another data.dir, or run `megalm prepare --force` to replace it")
-    if out.exists() and not (out / INDEX).is_file() and any(out.iterdir()):
+    if out.exists() and not (out / DataManifest.FILE).is_file() and any(out.iterdir()):
         raise DataError(f"{out}: exists and is not a prepared data directory; choose another data.dir")
 
     t0 = time.time()
@@ -117,24 +98,14 @@ def prepare(cfg: DataConfig, force: bool = False) -> dict:
                 _encode_into(tok, batch, val_names, train, val, counts, eot)
                 batch = []
         _encode_into(tok, batch, val_names, train, val, counts, eot)
-        index = {
-            "format": FORMAT_VERSION,
-            "settings": prepare_settings(cfg),
-            "source": source.description,
-            "tokenizer": "tokenizer.json",
-            "vocab_size": tok.get_vocab_size(),
-            "eot_id": eot,
-            "dtype": np.dtype(dtype).name,
-            "documents": len(names),
-            "skipped": skipped,
-            "train": train.close(),
-            "val": val.close(),
-            "train_tokens": int(counts.sum()),
-            "unigram_entropy_nats": _entropy(counts),
-            "prepare_seconds": round(time.time() - t0, 1),
-        }
-        index["val_tokens"] = sum(s["tokens"] for s in index["val"])
-        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+        val_shards = val.close()
+        manifest = DataManifest(
+            settings=settings, source=source.description, tokenizer="tokenizer.json",
+            vocab_size=tok.get_vocab_size(), eot_id=eot, dtype=np.dtype(dtype).name, documents=len(names),
+            skipped=skipped, train=train.close(), val=val_shards, train_tokens=int(counts.sum()),
+            val_tokens=sum(s.tokens for s in val_shards), unigram_entropy_nats=_entropy(counts),
+            prepare_seconds=round(time.time() - t0, 1))
+        manifest.write(tmp)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +114,9 @@ def prepare(cfg: DataConfig, force: bool = False) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("data: wrote %d train shards (%d tokens) and %d val shards (%d tokens) to %s in %.1fs; skipped %d files",
-             len(index["train"]), index["train_tokens"], len(index["val"]), index["val_tokens"], out,
-             index["prepare_seconds"], len(skipped))
-    return index
+             len(manifest.train), manifest.train_tokens, len(manifest.val), manifest.val_tokens, out,
+             manifest.prepare_seconds, len(skipped))
+    return manifest
 
 
 def _validation_split(names: list[str], fraction: float, seed: int) -> set[str]:
@@ -194,7 +165,7 @@ class _ShardSet:
     def __init__(self, root: Path, prefix: str, lanes: int, shard_tokens: int, dtype):
         self.root, self.prefix, self.shard_tokens, self.dtype = root, prefix, shard_tokens, dtype
         self.lanes: list[_Writer | None] = [None] * lanes
-        self.done: list[dict] = []
+        self.done: list[ShardEntry] = []
         self.next_shard = 0
         self.next_doc = 0
 
@@ -214,10 +185,10 @@ class _ShardSet:
     def _finish(self, writer: _Writer | None) -> None:
         if writer is not None:
             writer.tar.close()
-            self.done.append({"name": writer.name, "samples": writer.samples, "tokens": writer.tokens})
+            self.done.append(ShardEntry(writer.name, writer.samples, writer.tokens))
 
-    def close(self) -> list[dict]:
+    def close(self) -> list[ShardEntry]:
         for writer in self.lanes:
             self._finish(writer)
         self.lanes = [None] * len(self.lanes)
-        return sorted(self.done, key=lambda s: s["name"])
+        return sorted(self.done, key=lambda s: s.name)

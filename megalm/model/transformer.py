@@ -2,9 +2,11 @@
 
 ``Transformer`` runs the list in one process group stage (tensor and data parallel, any ZeRO
 stage). ``pipeline_module`` hands the same layers to DeepSpeed's ``PipelineModule``, which places
-consecutive layers on pipeline stages (1F1B schedule). Layer ``i`` is initialized from seeds that
-depend only on ``i`` and the parameter's name, so both forms, on any layout, start from the same
-weights. With tied embeddings the head is the embedding matrix itself (``Embedding.logits``).
+consecutive layers on pipeline stages (1F1B schedule). ``layer_ids`` numbers the layers once for
+everything that needs it: layer ``i`` is initialized from seeds that depend only on ``i`` and the
+parameter's name, so both forms, on any layout, start from the same weights; and the pipeline's
+layer ``i`` holds the parameters the one-process model names ``<layer name>.*``. With tied
+embeddings the head is the embedding matrix itself (``Embedding.logits``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size and model.max_seq_len must be resolved before building the model")
         self.cfg = cfg
         self.tp = TPContext(mesh or single_process_mesh(), sequence_parallel)
-        self.embed = Embedding(cfg, self.tp, 0, seed)
-        self.blocks = nn.ModuleList(Block(cfg, self.tp, i + 1, seed, checkpointing) for i in range(cfg.n_layers))
-        self.norm = FinalNorm(cfg, self.tp, cfg.n_layers + 1, seed)
-        self.head = None if cfg.tie_embeddings else Head(cfg, self.tp, cfg.n_layers + 2, seed)
+        ids = layer_ids(cfg)
+        self.embed = Embedding(cfg, self.tp, ids["embed"], seed)
+        self.blocks = nn.ModuleList(Block(cfg, self.tp, ids[f"blocks.{i}"], seed, checkpointing)
+                                    for i in range(cfg.n_layers))
+        self.norm = FinalNorm(cfg, self.tp, ids["norm"], seed)
+        self.head = None if cfg.tie_embeddings else Head(cfg, self.tp, ids["head"], seed)
         self.loss_fn = LossFunction(self.tp)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,6 +50,12 @@ class Transformer(nn.Module):
             return gather_vocab(logits, self.tp)
         return self.loss_fn(logits, labels)
 
+
+def layer_ids(cfg: ModelConfig) -> dict[str, int]:
+    """The model's layers in order, by their name in ``Transformer``: embed, blocks.0 … blocks.N-1,
+    norm, head. The id is the layer's position (a pipeline's layer index)."""
+    names = ["embed", *(f"blocks.{i}" for i in range(cfg.n_layers)), "norm", "head"]
+    return {name: i for i, name in enumerate(names)}
 
 
 def parameter_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
@@ -72,16 +82,17 @@ def pipeline_module(cfg: ModelConfig, mesh: Mesh, *, seed: int, sequence_paralle
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     tp = TPContext(mesh, sequence_parallel)
-    n = cfg.n_layers
+    ids = layer_ids(cfg)
     if cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", Embedding, cfg, tp, 0, seed, tied_weight_attr=["tok.weight"])
-        last = TiedLayerSpec("embed", Embedding, cfg, tp, 0, seed, forward_fn=_tied_logits,
+        first = TiedLayerSpec("embed", Embedding, cfg, tp, ids["embed"], seed, tied_weight_attr=["tok.weight"])
+        last = TiedLayerSpec("embed", Embedding, cfg, tp, ids["embed"], seed, forward_fn=_tied_logits,
                              tied_weight_attr=["tok.weight"])
     else:
-        first = LayerSpec(Embedding, cfg, tp, 0, seed)
-        last = LayerSpec(Head, cfg, tp, n + 2, seed)
-    layers = [first, *(LayerSpec(Block, cfg, tp, i + 1, seed, checkpointing) for i in range(n)),
-              LayerSpec(FinalNorm, cfg, tp, n + 1, seed), last]
+        first = LayerSpec(Embedding, cfg, tp, ids["embed"], seed)
+        last = LayerSpec(Head, cfg, tp, ids["head"], seed)
+    blocks = [LayerSpec(Block, cfg, tp, ids[f"blocks.{i}"], seed, checkpointing) for i in range(cfg.n_layers)]
+    layers = [first, *blocks, LayerSpec(FinalNorm, cfg, tp, ids["norm"], seed), last]
+    assert len(layers) == len(ids)  # pipeline layer i must be layer id i
     topology = PipeModelDataParallelTopology(num_pp=mesh.pp, num_mp=mesh.tp, num_dp=mesh.dp)
     return PipelineModule(layers=layers, topology=topology, loss_fn=LossFunction(tp),
                           partition_method="parameters" if partition == "parameters" else "uniform")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from megalm.config import VOCAB_MULTIPLE, Config, ModelConfig
+from megalm.config import VOCAB_MULTIPLE, Config, ConfigError, validate
 from megalm.model.transformer import Transformer, pipeline_module
 from megalm.parallel.mesh import Mesh
 from megalm.train.schedule import lr_multiplier
@@ -21,14 +23,17 @@ from megalm.train.schedule import lr_multiplier
 log = logging.getLogger("megalm")
 
 
-def resolve_model_config(cfg: Config, tokenizer_vocab: int) -> ModelConfig:
+def resolve_model_config(cfg: Config, tokenizer_vocab: int) -> Config:
     """Fill the model fields that default to the data's: the vocabulary (the tokenizer's, rounded
-    up to a multiple of 128 for fast matmuls and even tensor-parallel splits) and the length."""
+    up to a multiple of 128 for fast matmuls and even tensor-parallel splits) and the length; then
+    check the config again, now that they are known."""
     m = cfg.model
     vocab = m.vocab_size or -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if vocab < tokenizer_vocab:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
-    return cfg.replace("model", vocab_size=vocab, max_seq_len=m.max_seq_len or cfg.data.seq_len).model
+        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's vocabulary of {tokenizer_vocab}")
+    resolved = cfg.replace("model", vocab_size=vocab, max_seq_len=m.max_seq_len or cfg.data.seq_len)
+    validate(resolved)
+    return resolved
 
 
 def build_model(cfg: Config, mesh: Mesh) -> nn.Module:
@@ -87,3 +92,20 @@ def build_engine(cfg: Config, model: nn.Module, mesh: Mesh):
     log.info("engine: DeepSpeed %s %s, ZeRO stage %d, %s, AdamW (torch)", deepspeed.__version__,
              "PipelineEngine (1F1B)" if mesh.pp > 1 else "engine", cfg.train.zero_stage, cfg.train.precision)
     return engine
+
+
+@torch.no_grad()
+def gradient_norm(engine, mesh: Mesh) -> float | None:
+    """Global gradient norm where DeepSpeed does not report one (its plain fp32 path computes it
+    for clipping but keeps it to itself); call it at the accumulation boundary, before the step.
+    Gradients are already averaged over data-parallel ranks; tensor-parallel shards are summed,
+    replicated parameters counted once."""
+    if engine.zero_optimization() or engine.bfloat16_enabled():
+        return None  # DeepSpeed's optimizer wrapper reports it after the step
+    total = torch.zeros(1, dtype=torch.float64, device=next(engine.module.parameters()).device)
+    for p in engine.module.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or mesh.tp_rank == 0):
+            total += p.grad.double().pow(2).sum()
+    if mesh.tp > 1:
+        dist.all_reduce(total, group=mesh.tp_group)
+    return total.sqrt().item()

@@ -23,10 +23,10 @@ IMPLS = {
     "rms_norm": ("triton", "apex", "torch"),
 }
 # What "auto" tries on a CUDA device, best first. Nothing here has been measured on a GPU yet
-# (benchmarks/results/ holds no GPU table): norms lead with Triton on the strength of the anchors
-# (fused norms reach ~87% of HBM bandwidth where torch eager does not); attention leads with SDPA,
-# whose flash/cuDNN backends beat the Triton tutorial kernel in the published figures. Reorder
-# from benchmarks/results/<device>/kernels.md once measured.
+# (megalm's benchmarks/results/ holds no GPU table): norms lead with Triton on the strength of
+# the anchors (fused norms reach ~87% of HBM bandwidth where torch eager does not); attention
+# leads with SDPA, whose flash/cuDNN backends beat the Triton tutorial kernel in the published
+# figures. Reorder from benchmarks/results/<device>/kernels.md once measured.
 AUTO_ON_CUDA = {
     "attention": ("sdpa", "triton"),
     "layer_norm": ("triton", "torch"),
@@ -70,7 +70,7 @@ def _missing(op: str, impl: str, x: torch.Tensor) -> str | None:
         return None
     if impl == "triton":
         if not triton_installed():
-            return "the 'triton' package is not installed (pip install 'megalm[triton]')"
+            return "the 'triton' package is not installed (pip install 'megalm-kernels[triton]')"
         if x.device.type != "cuda" and not interpreting():
             return (f"Triton kernels need a CUDA tensor (got {x.device.type}); CPU tensors run "
                     "only under TRITON_INTERPRET=1, as in the tests")

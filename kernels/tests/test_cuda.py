@@ -1,6 +1,6 @@
 """Checks that need CUDA's compilers but no GPU, and the CUDA LayerNorm on a GPU.
 
-- nvcc compiles kernels/csrc/layer_norm_kernels.cu (the kernels carry no torch headers, so
+- nvcc compiles megalm_kernels/csrc/layer_norm_kernels.cu (the kernels carry no torch headers, so
   this works with the CPU torch wheel); warnings fail the test.
 - The Triton kernels compile for sm_90 through Triton's own toolchain: the interpreter accepts
   code the GPU compiler rejects, and this also pins "no register spills" for one configuration
@@ -19,7 +19,7 @@ import torch
 import megalm_kernels as mk
 from megalm_kernels import cuda_layer_norm
 
-from .test_kernels_norm import TOL, check_against_reference
+from test_norm import TOL, check_against_reference  # a sibling module: tests/ is no package
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None,

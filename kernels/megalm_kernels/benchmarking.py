@@ -1,17 +1,20 @@
-"""Shared plumbing for `megalm bench ...`: device facts, measured ceilings, timing, result files.
+"""Benchmark plumbing shared by megalm_kernels.bench and megalm's own benchmarks: device facts,
+measured ceilings, timing, result files.
 
-Every benchmark writes benchmarks/results/<device-slug>/<name>.json (+ .md table, + .png plot)
-stamped with the device name, torch/triton versions and git commit, and reports its numbers as
-fractions of two ceilings measured in the same run: the bf16 matmul rate and the device-to-device
-copy bandwidth (bytes read + bytes written).
+A benchmark writes <out>/<name>.json (+ .md table, + .png plot), by default under
+benchmarks/results/<device-slug>/, stamped with the device, python/torch/triton/CUDA versions and
+git commit, and reports its numbers as fractions of two ceilings measured in the same run: the
+bf16 matmul rate and the device-to-device copy bandwidth (bytes read + bytes written).
 """
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,18 +33,30 @@ def device_slug(name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout we run from, '+dirty' when it has local changes. MEGALM_GIT_COMMIT
-    overrides it (a copy of the tree without .git, as on a lent GPU machine); else 'unknown'."""
+    """HEAD of the checkout being measured, '+dirty' when it has local changes.
+
+    MEGALM_GIT_COMMIT overrides it (a copy of the tree without .git, as on a lent GPU machine).
+    Otherwise the checkout this code runs from (an editable install), else the current
+    directory's (an installed package run from the project), else 'unknown'."""
     if os.environ.get("MEGALM_GIT_COMMIT"):
         return os.environ["MEGALM_GIT_COMMIT"]
-    here = Path(__file__).resolve().parent  # the checkout this code runs from, not the cwd
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        commit = _head(where)
+        if commit is not None:
+            return commit
+    return "unknown"
+
+
+def _head(where: Path) -> str | None:
+    """HEAD (+dirty) of the git checkout holding `where`, or None outside one."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=where).stdout.strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, cwd=here).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return None
     return commit + ("+dirty" if dirty else "")
 
 
@@ -56,6 +71,7 @@ def triton_version() -> str | None:
 def device_info(device: torch.device) -> dict:
     info = {
         "device": device_name(device),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version(),
         "cuda": torch.version.cuda,
@@ -137,7 +153,8 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def write_results(out_dir: Path, name: str, meta: dict, rows: list[dict],
                   columns: list[tuple[str, str]], plot=None) -> dict[str, Path]:
-    """<name>.json (meta + rows), <name>.md (header + table), <name>.png if plot(rows, path)."""
+    """<name>.json (meta + rows), <name>.md (header + table), and <name>.png from
+    plot(rows, path, meta) when given and matplotlib is installed."""
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md"}
     paths["json"].write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     header = [f"# {name} on {meta['device']}", ""]
@@ -148,7 +165,10 @@ def write_results(out_dir: Path, name: str, meta: dict, rows: list[dict],
         elif isinstance(value, list) and value:
             header.append(f"- {key}: " + "; ".join(map(str, value)))
     paths["md"].write_text("\n".join(header) + "\n\n" + markdown_table(rows, columns) + "\n")
-    if plot is not None:
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        print(f"matplotlib is not installed, so no {name}.png "
+              "(pip install 'megalm-kernels[bench]' for the plot)", file=sys.stderr)
+    elif plot is not None:
         paths["png"] = out_dir / f"{name}.png"
         plot(rows, paths["png"], meta)
     return paths

@@ -19,11 +19,12 @@ import triton
 import triton.language as tl
 
 from .dispatch import interpreting
+from .norm_autograd import NormKernels, fused_norm
 
 # Longest row held in registers. Forward: 16384 fp32 values over 16 warps, 32 per thread.
 # Backward holds five such arrays (x, dy, w, dw, db) and spills past 8192 (sm_90 compile report,
-# benchmarks/NOTES-kernels.md). Under the interpreter a small limit sends "a few thousand"
-# hidden sizes down the chunked path in tests.
+# megalm's benchmarks/NOTES-kernels.md). Under the interpreter a small limit sends "a few
+# thousand" hidden sizes down the chunked path in tests.
 MAX_BLOCK_FWD = 1024 if interpreting() else 16384
 MAX_BLOCK_BWD = 1024 if interpreting() else 8192
 
@@ -106,6 +107,37 @@ def _norm_fwd(X, R, H_OUT, Y, W, B, MEAN, RSTD, stride_x, stride_r, stride_h, st
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _row_stats(MEAN, RSTD, row, IS_RMS: tl.constexpr):
+    """(mean, rstd) the forward pass saved for this row; RMSNorm's mean is 0."""
+    mean = 0.0
+    if not IS_RMS:
+        mean = tl.load(MEAN + row)
+    return mean, tl.load(RSTD + row)
+
+
+@triton.jit
+def _x_hat_dy(x_row, dy_row, cols, mask, mean, rstd):
+    """x̂ = (x − mean) · rstd (0 past the row's end) and dy, in fp32."""
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, (x - mean) * rstd, 0.0), dy
+
+
+@triton.jit
+def _write_dx(dx_row, dh_row, x_hat, wdy, c_xw, c_w, rstd, cols, mask, IS_RMS: tl.constexpr,
+              HAS_DH: tl.constexpr):
+    """Store dx = rstd · (w·dy − x̂·c_xw − c_w) [+ dh], given the row's means c_xw = mean(x̂·w·dy)
+    and c_w = mean(w·dy) (ignored for RMSNorm)."""
+    dx = wdy - x_hat * c_xw
+    if not IS_RMS:
+        dx = dx - c_w
+    dx = dx * rstd
+    if HAS_DH:
+        dx += tl.load(dh_row + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_row + cols, dx.to(dx_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _norm_bwd(DY, X, W, MEAN, RSTD, DH, DX, DW_PART, DB_PART,
               stride_dy, stride_x, stride_dh, stride_dx, M, N, rows_per_program,
               IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr,
@@ -124,60 +156,41 @@ def _norm_bwd(DY, X, W, MEAN, RSTD, DH, DX, DW_PART, DB_PART,
         dw = tl.zeros([BLOCK], tl.float32)
         db = tl.zeros([BLOCK], tl.float32)
         for row in range(row_start, row_end):
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
-            mean = 0.0
-            if not IS_RMS:
-                mean = tl.load(MEAN + row)
-            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+            mean, rstd = _row_stats(MEAN, RSTD, row, IS_RMS)
+            x_hat, dy = _x_hat_dy(X + row * stride_x, DY + row * stride_dy, cols, mask, mean, rstd)
             wdy = w * dy
-            dx = wdy - x_hat * (tl.sum(x_hat * wdy, 0) / N)
-            if not IS_RMS:
-                dx = dx - tl.sum(wdy, 0) / N
-            dx = dx * rstd
-            if HAS_DH:
-                dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            _write_dx(DX + row * stride_dx, DH + row * stride_dh, x_hat, wdy,
+                      tl.sum(x_hat * wdy, 0) / N, tl.sum(wdy, 0) / N, rstd, cols, mask, IS_RMS,
+                      HAS_DH)
             dw += dy * x_hat
             db += dy
         tl.store(DW_PART + part + cols, dw, mask=mask)
         if HAS_BIAS:
             tl.store(DB_PART + part + cols, db, mask=mask)
     else:
+        # Per row: one pass for the two means, one to write dx and add to the partial sums.
         for row in range(row_start, row_end):
-            rstd = tl.load(RSTD + row)
-            mean = 0.0
-            if not IS_RMS:
-                mean = tl.load(MEAN + row)
+            mean, rstd = _row_stats(MEAN, RSTD, row, IS_RMS)
+            x_row = X + row * stride_x
+            dy_row = DY + row * stride_dy
             acc_xw = tl.zeros([BLOCK], tl.float32)
             acc_w = tl.zeros([BLOCK], tl.float32)
             for start in range(0, N, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < N
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-                acc_xw += x_hat * w * dy
-                acc_w += w * dy
+                x_hat, dy = _x_hat_dy(x_row, dy_row, cols, mask, mean, rstd)
+                wdy = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * dy
+                acc_xw += x_hat * wdy
+                acc_w += wdy
             c_xw = tl.sum(acc_xw, 0) / N
             c_w = tl.sum(acc_w, 0) / N
             for start in range(0, N, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < N
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-                dx = w * dy - x_hat * c_xw
-                if not IS_RMS:
-                    dx = dx - c_w
-                dx = dx * rstd
-                if HAS_DH:
-                    dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(
-                        tl.float32)
-                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                x_hat, dy = _x_hat_dy(x_row, dy_row, cols, mask, mean, rstd)
+                wdy = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) * dy
+                _write_dx(DX + row * stride_dx, DH + row * stride_dh, x_hat, wdy, c_xw, c_w, rstd,
+                          cols, mask, IS_RMS, HAS_DH)
                 # This program alone owns its partial row (zero-initialized): plain loads and
                 # stores, far cheaper than atomics.
                 dw = tl.load(DW_PART + part + cols, mask=mask, other=0.0)
@@ -260,46 +273,17 @@ def _backward(dy, x2, weight, mean, rstd, dh, has_bias: bool, is_rms: bool):
     return dx, dw, db
 
 
-class FusedNorm(torch.autograd.Function):
-    """norm(x [+ residual]) → y, or (y, h) with a residual; LayerNorm or RMSNorm."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps: float, is_rms: bool):
-        y, h, mean, rstd = _forward(x, weight, bias, residual, eps, is_rms)
-        ctx.save_for_backward(h, weight, mean, rstd)
-        ctx.has_bias, ctx.has_residual, ctx.is_rms = bias is not None, residual is not None, is_rms
-        ctx.x_shape = x.shape
-        # An output nobody uses gets None instead of a tensor of zeros to read.
-        ctx.set_materialize_grads(False)
-        if residual is None:
-            return y
-        return y, h.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy, dh=None):
-        h, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros(ctx.x_shape, device=h.device, dtype=h.dtype)
-        dx, dw, db = _backward(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.is_rms)
-        dx = dx.view(ctx.x_shape)
-        return dx, dw, db, (dx if ctx.has_residual else None), None, None
-
-
-def _check(x, weight, residual):
-    if weight.shape != x.shape[-1:]:
-        raise ValueError(f"weight shape {tuple(weight.shape)} != hidden size {x.shape[-1]}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual must match x: got {tuple(residual.shape)} {residual.dtype}, "
-                         f"x is {tuple(x.shape)} {x.dtype}")
+LAYER_NORM = NormKernels(functools.partial(_forward, is_rms=False),
+                         functools.partial(_backward, is_rms=False))
+RMS_NORM = NormKernels(functools.partial(_forward, is_rms=True),
+                       functools.partial(_backward, is_rms=True))
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None):
     """Triton LayerNorm over the last dim; with residual returns (y, x + residual)."""
-    _check(x, weight, residual)
-    return FusedNorm.apply(x, weight, bias, residual, eps, False)
+    return fused_norm(LAYER_NORM, x, weight, bias, eps, residual)
 
 
 def rms_norm(x, weight, eps: float = 1e-6, *, residual=None):
     """Triton RMSNorm over the last dim; with residual returns (y, x + residual)."""
-    _check(x, weight, residual)
-    return FusedNorm.apply(x, weight, None, residual, eps, True)
+    return fused_norm(RMS_NORM, x, weight, None, eps, residual)

@@ -1,4 +1,4 @@
-"""megalm's fused kernels (import name `megalm_kernels`): attention, LayerNorm and RMSNorm.
+"""megalm's fused kernels, the megalm-kernels distribution: attention, LayerNorm and RMSNorm.
 
 Each op has a pure-torch reference (`reference`), Triton kernels (forward and backward), and for
 LayerNorm a CUDA C++ extension built on first use. `impl="auto"` picks the fastest available for

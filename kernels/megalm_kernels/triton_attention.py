@@ -26,20 +26,64 @@ LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
-# Tile helpers (called once per program: under the interpreter every nested @jit call re-patches
-# triton.language, about a millisecond, so the inner loops below are written out instead)
+# Helpers (Triton inlines them on a GPU; under the interpreter each call costs ~0.15 ms, so they
+# stay out of the innermost arithmetic)
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr):
-    ptrs = base + rows[:, None] * stride_row + cols[None, :]
-    return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+def _load_rows(base, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """A (rows × cols) tile. Padded head-dim columns read 0, and so do rows past n_rows with
+    MASK_ROWS (blocks wholly inside the sequence skip that check)."""
+    ok = cols[None, :] < HEAD_DIM
+    if MASK_ROWS:
+        ok = ok & (rows[:, None] < n_rows)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :], mask=ok, other=0.0)
 
 
 @triton.jit
 def _store_rows(base, value, rows, stride_row, cols, n_rows, HEAD_DIM: tl.constexpr):
     tl.store(base + rows[:, None] * stride_row + cols[None, :], value.to(base.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _query_program(H, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """(start_m, bh, b, h, h_kv): this program's query block, and its batch and heads (int64;
+    bh = b·H + h indexes the per-row statistics)."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # Late query blocks see the most keys: start them first so the tail of the grid is short.
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    bh = tl.program_id(1)
+    h = bh % H
+    return (pid_m * BLOCK_M, bh.to(tl.int64), (bh // H).to(tl.int64), h.to(tl.int64),
+            (h // GROUP).to(tl.int64))
+
+
+@triton.jit
+def _key_ranges(start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_hi, mask_hi): the query block at start_m sees keys [0, full_hi) whole and
+    [full_hi, mask_hi) only through the mask."""
+    if CAUSAL:
+        # Keys before the query block are all visible; the diagonal block needs the mask.
+        # BLOCK_M % BLOCK_N == 0 keeps start_m on a key-block boundary.
+        full_hi = start_m
+        mask_hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        full_hi = (T // BLOCK_N) * BLOCK_N
+        mask_hi = T
+    return full_hi, mask_hi
+
+
+@triton.jit
+def _keys_visible(offs_m, offs_n, T, CAUSAL: tl.constexpr):
+    """(queries × keys) mask of a masked key block: keys before T and, causal, not after the
+    query."""
+    visible = offs_n[None, :] < T
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    return visible
 
 
 # MM_DTYPE, the dtype of matrix-product operands, is the input dtype on a GPU (so P and dS are
@@ -56,20 +100,13 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, 
                 T, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                 MASKED: tl.constexpr, MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi); MASKED only for the diagonal and the tail."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = d_ok
+        k = _load_rows(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASKED).to(MM_DTYPE)
+        v = _load_rows(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASKED).to(MM_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
-            kv_ok = kv_ok & (offs_n[:, None] < T)
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(MM_DTYPE)), input_precision=DOT_PRECISION)
-        if MASKED:
-            valid = offs_n[None, :] < T
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(valid, s, float("-inf"))
+            s = tl.where(_keys_visible(offs_m, offs_n, T, CAUSAL), s, float("-inf"))
         # Every row has a finite maximum by now: key 0 (or key start_m on the diagonal) is always
         # valid and is visited first, so exp2(-inf - m) is a clean 0, never NaN. Rows past T
         # are computed but never stored.
@@ -77,8 +114,7 @@ def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, 
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(MM_DTYPE), v.to(MM_DTYPE), acc * alpha[:, None],
-                     input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(MM_DTYPE), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -91,35 +127,18 @@ def _attn_fwd(Q, K, V, O, LSE,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
               MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        # Late query blocks see the most keys: start them first so the tail of the grid is short.
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    h_kv = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    start_m, bh, b, h, h_kv = _query_program(H, GROUP, BLOCK_M, CAUSAL)
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
-
-    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, T, HEAD_DIM)
-    q = q.to(MM_DTYPE)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, T, HEAD_DIM,
+                   True).to(MM_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    if CAUSAL:
-        # Keys before the query block are all visible; the diagonal block needs the mask.
-        # BLOCK_M % BLOCK_N == 0 keeps start_m on a key-block boundary.
-        full_hi = start_m
-        mask_hi = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        mask_hi = T
+    full_hi, mask_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m,
                                 offs_d, 0, full_hi, T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL,
                                 False, MM_DTYPE, DOT_PRECISION)
@@ -129,7 +148,7 @@ def _attn_fwd(Q, K, V, O, LSE,
 
     _store_rows(O + b * stride_ob + h * stride_oh, acc / l_i[:, None], offs_m, stride_ot, offs_d,
                 T, HEAD_DIM)
-    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,15 +160,15 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, s
                     stride_dot, H, T, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """delta_i = Σ_d dO_id · O_id: the softmax-Jacobian term shared by dK and dQ."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m, bh, b, h, _ = _query_program(H, 1, BLOCK_M, False)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, offs_d, T, HEAD_DIM)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, T, HEAD_DIM)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, offs_d, T, HEAD_DIM,
+                   True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, T,
+                    HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=offs_m < T)
 
 
 @triton.jit
@@ -159,17 +178,10 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
                  MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi), working transposed
     (keys × queries) so both products land in the key block's rows without a transpose."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = d_ok
-        if MASKED:
-            row_ok = row_ok & (offs_m[:, None] < T)
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok,
-                     other=0.0)
-        q = q.to(MM_DTYPE)
-        do = do.to(MM_DTYPE)
+        q = _load_rows(q_base, offs_m, stride_qt, offs_d, T, HEAD_DIM, MASKED).to(MM_DTYPE)
+        do = _load_rows(do_base, offs_m, stride_dot, offs_d, T, HEAD_DIM, MASKED).to(MM_DTYPE)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
@@ -207,11 +219,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     k = _load_rows(K + b * stride_kb + h_kv.to(tl.int64) * stride_kh, offs_n, stride_kt, offs_d,
-                   T, HEAD_DIM)
+                   T, HEAD_DIM, True).to(MM_DTYPE)
     v = _load_rows(V + b * stride_vb + h_kv.to(tl.int64) * stride_vh, offs_n, stride_vt, offs_d,
-                   T, HEAD_DIM)
-    k = k.to(MM_DTYPE)
-    v = v.to(MM_DTYPE)
+                   T, HEAD_DIM, True).to(MM_DTYPE)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
 
@@ -252,23 +262,15 @@ def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, MM_DTYPE: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = d_ok
-        if MASKED:
-            kv_ok = kv_ok & (offs_n[:, None] < T)
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
-        k = k.to(MM_DTYPE)
+        k = _load_rows(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, MASKED).to(MM_DTYPE)
+        v = _load_rows(v_base, offs_n, stride_vt, offs_d, T, HEAD_DIM, MASKED).to(MM_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if MASKED:
-            valid = offs_n[None, :] < T
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, tl.trans(v.to(MM_DTYPE)), input_precision=DOT_PRECISION)
+            p = tl.where(_keys_visible(offs_m, offs_n, T, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(MM_DTYPE), k, dq, input_precision=DOT_PRECISION)
     return dq
@@ -283,33 +285,20 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                  MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    h_kv = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    start_m, bh, b, h, h_kv = _query_program(H, GROUP, BLOCK_M, CAUSAL)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, T, HEAD_DIM)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, T, HEAD_DIM)
-    q = q.to(MM_DTYPE)
-    do = do.to(MM_DTYPE)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, T, HEAD_DIM,
+                   True).to(MM_DTYPE)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, T,
+                    HEAD_DIM, True).to(MM_DTYPE)
+    lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    if CAUSAL:
-        full_hi = start_m
-        mask_hi = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        full_hi = (T // BLOCK_N) * BLOCK_N
-        mask_hi = T
+    full_hi, mask_hi = _key_ranges(start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
                     0, full_hi, T, qk_scale, HEAD_DIM, BLOCK_N, CAUSAL, False, MM_DTYPE,
                     DOT_PRECISION)
@@ -325,8 +314,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 # ----------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried per padded head dim. Picked from sm_90 compile
-# reports (registers, spills, shared memory; see benchmarks/NOTES-kernels.md): none spills more
-# than ~100 bytes and all fit in 227 KiB of shared memory. Forward and dQ need
+# reports (registers, spills, shared memory; see megalm's benchmarks/NOTES-kernels.md): none
+# spills more than ~100 bytes and all fit in 227 KiB of shared memory. Forward and dQ need
 # BLOCK_M % BLOCK_N == 0, dK/dV BLOCK_N % BLOCK_M == 0 (causal diagonal alignment).
 _TILES = {
     "fwd": {

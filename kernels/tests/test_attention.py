@@ -9,7 +9,6 @@ import torch
 
 import megalm_kernels as mk
 from megalm_kernels import dispatch, reference
-from tests.helpers import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Allowed ‖out − ref‖ / ‖ref‖ against float64: fp32 arithmetic lands far below 1e-4; bf16
@@ -49,11 +48,11 @@ def check_against_reference(q, k, v, do, causal, impl, tol, scale=None):
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned(poison_outputs):
     """Every output buffer starts as NaN, so a row or column the kernels never write fails."""
     from megalm_kernels import triton_attention
 
-    poison_outputs(monkeypatch, triton_attention)
+    poison_outputs(triton_attention)
 
 
 # (B, Hq, Hkv, T, D, causal, dtype): lengths 1, 17, 129 around the interpreter's 32/64 blocks;

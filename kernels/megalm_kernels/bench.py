@@ -1,12 +1,15 @@
-"""megalm bench kernels: time the fused kernels against torch on this device.
+"""Time the fused kernels against torch on this device (also run as `megalm bench kernels`).
 
 Attention (Triton vs torch SDPA vs the explicit torch reference) in TFLOP/s, causal counted as
 half the work; LayerNorm / RMSNorm (Triton, CUDA extension, Apex, torch eager, torch.compile) in
 GB/s of the bytes the op must move. Each row is also given as a fraction of the bf16 matmul rate
 or copy bandwidth measured in the same run, and as a speedup over the other implementations.
 
-    python -m megalm.bench.kernels                 # full sweep on the GPU
-    python -m megalm.bench.kernels --quick --out DIR   # CPU smoke run: tiny shapes, torch only
+    python -m megalm_kernels.bench                       # full sweep on the GPU
+    python -m megalm_kernels.bench --quick --out DIR     # CPU smoke run: tiny shapes, torch only
+
+The plot needs matplotlib (pip install 'megalm-kernels[bench]'); without it the tables are
+still written.
 """
 import argparse
 import sys
@@ -15,8 +18,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-import megalm_kernels as mk
-from megalm.bench import common
+from . import attention, benchmarking, layer_norm, rms_norm
+from .dispatch import apex_norms
 
 SEQS = (512, 1024, 2048, 4096, 8192, 16384)
 HIDDENS = (1024, 2048, 4096, 8192, 12288, 16384)
@@ -27,7 +30,8 @@ REFERENCE_MAX_SEQ = 2048  # the explicit reference stores B·H·T² scores
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="megalm bench kernels", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m megalm_kernels.bench",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes and torch paths only (a CPU smoke run)")
     p.add_argument("--out", help="result directory (default benchmarks/results/<device>)")
@@ -100,11 +104,11 @@ def bench_attention(args, device, dtype):
 
 def _attention_call(q, k, v, do, causal, impl, mode):
     if mode == "fwd":
-        return lambda: mk.attention(q, k, v, causal=causal, impl=impl)
+        return lambda: attention(q, k, v, causal=causal, impl=impl)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
     def forward_backward():
-        out = mk.attention(*leaves, causal=causal, impl=impl)
+        out = attention(*leaves, causal=causal, impl=impl)
         torch.autograd.grad(out, leaves, do)
     return forward_backward
 
@@ -140,7 +144,7 @@ def norm_impls(args, op):
         impls = ["triton", "torch"]
         if op == "layer_norm":
             impls.insert(1, "cuda")
-        if mk.dispatch.apex_norms() is not None:
+        if apex_norms() is not None:
             impls.append("apex")
         if not args.no_compile:
             impls.append("compile")
@@ -161,8 +165,8 @@ def _norm_fn(op, impl):
         return torch.compile(_eager_norm(op))
     residual = op.endswith("+residual")
     if op == "layer_norm":
-        return lambda x, r, w, b: mk.layer_norm(x, w, b, impl=impl)
-    return lambda x, r, w, b: mk.rms_norm(x, w, residual=r if residual else None, impl=impl)
+        return lambda x, r, w, b: layer_norm(x, w, b, impl=impl)
+    return lambda x, r, w, b: rms_norm(x, w, residual=r if residual else None, impl=impl)
 
 
 def bench_norms(args, device, dtype):
@@ -213,7 +217,7 @@ def _selected(impls, args):
 def _time(fn, device, label):
     """Median ms, or None (noted in the results) when this implementation fails here."""
     try:
-        return common.bench_ms(fn, device)
+        return benchmarking.bench_ms(fn, device)
     except Exception as e:  # one failing implementation must not lose the whole sweep
         SKIPPED.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         traceback.print_exc(file=sys.stderr)
@@ -285,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = torch.bfloat16
     SKIPPED.clear()
-    meta = common.device_info(device)
+    meta = benchmarking.device_info(device)
     meta.update(quick=args.quick, dtype=str(dtype).removeprefix("torch."))
-    meta["ceilings"] = common.measure_ceilings(device, quick=args.quick)
+    meta["ceilings"] = benchmarking.measure_ceilings(device, quick=args.quick)
     ops = args.ops.split(",")
     rows = []
     if "attention" in ops:
@@ -296,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_norms(args, device, dtype)
     add_comparisons(rows, meta["ceilings"])
     meta["skipped"] = list(SKIPPED)
-    out = common.results_dir(device, args.out)
-    paths = common.write_results(out, args.name, meta, rows, COLUMNS, plot=plot)
-    print(common.markdown_table(rows, COLUMNS))
+    out = benchmarking.results_dir(device, args.out)
+    paths = benchmarking.write_results(out, args.name, meta, rows, COLUMNS, plot=plot)
+    print(benchmarking.markdown_table(rows, COLUMNS))
     print("\nceilings: " + ", ".join(f"{k}={v:.4g}" for k, v in meta["ceilings"].items()))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -9,7 +9,6 @@ import torch
 
 import megalm_kernels as mk
 from megalm_kernels import dispatch, reference
-from tests.helpers import poison_outputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Allowed ‖out − ref‖ / ‖ref‖ against float64 (observed: ~1e-7 fp32, ~4e-3 bf16).
@@ -87,11 +86,11 @@ def check_against_reference(kind, impl, rows, hidden, dtype, has_residual, has_b
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned(poison_outputs):
     """Every output buffer starts as NaN, so a row the kernels never write fails."""
     from megalm_kernels import triton_norm
 
-    poison_outputs(monkeypatch, triton_norm)
+    poison_outputs(triton_norm)
 
 
 # (kind, hidden, dtype, residual, bias). Hidden 3000 takes the chunked path under the
@@ -168,7 +167,7 @@ def test_explicit_triton_on_cpu_needs_interpreter(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 def test_benchmark_quick_writes_results(tmp_path):
-    from megalm.bench import kernels as bench
+    from megalm_kernels import bench
 
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "kernels.json").read_text())

@@ -1,0 +1,48 @@
+"""A checkpoint's manifest, ``meta.json``: what was saved, by which layout, and every file in it.
+
+Rank 0 writes it last, after every rank's files are on disk; a checkpoint directory without it
+(or whose files do not match it) is incomplete and never resumed from. This is the one place that
+knows its fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from megalm.records import Record
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was asked for, or one that cannot be used as asked."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the run that saved the checkpoint was split over processes."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} zero={self.zero_stage}"
+
+
+@dataclass(frozen=True)
+class CheckpointMeta(Record):
+    FILE: ClassVar[str] = "meta.json"
+    VERSION: ClassVar[int] = 2
+    ERROR: ClassVar[type[Exception]] = CheckpointError
+
+    step: int
+    layout: Layout
+    config: dict[str, Any]  # the resolved config of the run (megalm.config.Config.to_dict())
+    state: dict[str, Any]  # each shared stateful part's state_dict, by part name
+    files: dict[str, int]  # every other file of the checkpoint: path relative to it -> size in bytes
+    version: int = VERSION

@@ -1,0 +1,50 @@
+"""The trainer's own small stateful parts: its step counters and this rank's random streams.
+
+Each has ``state_dict``/``load_state_dict`` like the engine and the data loader, so the
+checkpointer saves and restores all of them the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps taken and tokens trained on."""
+
+    step: int = 0
+    tokens: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+
+
+class RNGState:
+    """This process's random generators: Python's, NumPy's global one, torch's CPU and CUDA ones.
+
+    Dropout and any sampling draw from them; restoring them makes a resumed run draw the same
+    numbers as an uninterrupted one.
+    """
+
+    def state_dict(self) -> dict:
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

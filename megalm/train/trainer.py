@@ -1,0 +1,222 @@
+"""``megalm train``: the Trainer, read top to bottom.
+
+Set-up, in ``__init__``: the world and its 3D mesh → the data (prepared by rank 0 if needed) → the
+run dir → the model in its DeepSpeed engine → the stateful parts (step counters, data loader,
+random streams) and the checkpointer that saves them → resume. Then ``run`` loops: ``train_step``
+(one optimizer step over the micro-batches), ``log_step`` (metrics), ``evaluate`` every
+``train.eval_every`` steps, ``save`` every ``train.save_every`` steps or when a signal asks to
+stop; at the end a final evaluation, checkpoint and loss plot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megalm.checkpoint.meta import Layout
+from megalm.checkpoint.store import Checkpointer
+from megalm.config import Config, validate
+from megalm.data.loader import TrainLoader, validation_sequences
+from megalm.data.prepare import prepare, read_manifest
+from megalm.model.transformer import parameter_count
+from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, drop_metrics_after, plot_loss
+from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
+from megalm.parallel.mesh import build_mesh
+from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
+from megalm.train.evaluate import evaluate
+from megalm.train.preemption import StopFlag
+from megalm.train.state import RNGState, TrainState
+
+log = logging.getLogger("megalm")
+
+
+@dataclass
+class Summary:
+    run_dir: Path
+    steps: int
+    tokens: int
+    val_loss: float
+    val_ppl: float
+    wall_s: float
+    checkpoint: Path | None
+    unigram_entropy_nats: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.t_start = time.time()
+        self.world, self.mesh = self._start_world(cfg)
+        self.cfg, self.manifest = self._prepare_data(cfg)
+        self.run_dir = self._make_run_dir()
+        self.engine = self._build_engine()
+        self.state, self.rng, self.loader = TrainState(), RNGState(), self._build_loader()
+        self.val = validation_sequences(self.cfg.data.dir, self.manifest, self.cfg.data.seq_len,
+                                        self.cfg.data.eval_sequences)
+        self.checkpointer = self._build_checkpointer()
+        self._resume()
+
+        d, t = self.cfg.data, self.cfg.train
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum * self.mesh.dp * d.seq_len
+        # 6 FLOPs per matmul parameter per token (forward + backward), plus attention's scores and mixing
+        self.flops_per_token = (6 * parameter_count(self.cfg.model, include_embeddings=False)
+                                + 12 * self.cfg.model.n_layers * self.cfg.model.d_model * d.seq_len)
+        self.sink = MetricsSink(self.cfg, self.run_dir, enabled=self.world.is_main)
+        self.throughput = Throughput()
+        self.interval_losses: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def _start_world(self, cfg: Config):
+        validate(cfg, launched_world_size())  # layout errors surface before any process group starts
+        world = init_distributed(cfg.train.device)
+        mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank)
+        if world.is_main:
+            log.info(mesh.describe())
+        return world, mesh
+
+    def _prepare_data(self, cfg: Config):
+        """Rank 0 prepares the data (or checks it matches the config); the model takes its vocabulary."""
+        if self.world.is_main:
+            prepare(cfg.data)
+        dist.barrier()
+        manifest = read_manifest(cfg.data.dir)
+        return resolve_model_config(cfg, manifest.vocab_size), manifest
+
+    def _make_run_dir(self) -> Path:
+        run_dir = Path(self.cfg.train.run_dir)
+        if self.world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            shutil.copyfile(Path(self.cfg.data.dir) / self.manifest.tokenizer, run_dir / "tokenizer.json")
+        return run_dir
+
+    def _build_engine(self):
+        torch.manual_seed(self.cfg.train.seed)  # dropout; weights are seeded per layer (tensor_parallel.init_layer)
+        engine = build_engine(self.cfg, build_model(self.cfg, self.mesh), self.mesh)
+        m = self.cfg.model
+        if self.world.is_main:
+            log.info("model: %s (%s style), %.2fM parameters, %d layers x %d wide, vocab %d, seq %d", m.name,
+                     m.style, parameter_count(m) / 1e6, m.n_layers, m.d_model, m.vocab_size, self.cfg.data.seq_len)
+        return engine
+
+    def _build_loader(self) -> TrainLoader:
+        d, t = self.cfg.data, self.cfg.train
+        return TrainLoader(d.dir, self.manifest, seq_len=d.seq_len, streams=d.streams, dp_rank=self.mesh.dp_rank,
+                           dp_size=self.mesh.dp, dp_group=self.mesh.dp_group, micro_batch_size=t.micro_batch_size,
+                           grad_accum=t.grad_accum, num_workers=d.num_workers, seed=d.seed)
+
+    def _build_checkpointer(self) -> Checkpointer:
+        """The engine and every stateful part, by name: what a checkpoint holds."""
+        layout = Layout(tp=self.mesh.tp, pp=self.mesh.pp, dp=self.mesh.dp, zero_stage=self.cfg.train.zero_stage)
+        return Checkpointer(self.run_dir, self.engine, layout, self.cfg.to_dict(),
+                            shared={"train": self.state, "data": self.loader}, per_rank={"rng": self.rng},
+                            keep=self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        if self.cfg.train.resume:
+            self.checkpointer.resume()
+        if self.world.is_main:
+            drop_metrics_after(self.run_dir, self.state.step)  # rows of steps the checkpoint lacks are redone
+
+    # ------------------------------------------------------------------------------ phases
+
+    def train_step(self, measure_grad_norm: bool) -> float | None:
+        """One optimizer step over this rank's micro-batches. Returns the gradient norm where
+        DeepSpeed does not report it (if asked to measure it)."""
+        micro_batches = next(self.loader)
+        own_grad_norm = None
+        if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
+            loss = self.engine.train_batch(iter([(mb[:, :-1], mb[:, 1:]) for mb in micro_batches]))
+            self.interval_losses.append(loss.detach().float())
+        else:
+            for micro in micro_batches:
+                micro = micro.to(self.world.device, non_blocking=True)
+                loss = self.engine(micro[:, :-1], micro[:, 1:])
+                self.engine.backward(loss)
+                if measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                    own_grad_norm = gradient_norm(self.engine, self.mesh)
+                self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+                self.interval_losses.append(loss.detach().float())
+        self.state.step += 1
+        self.state.tokens += self.tokens_per_step
+        self.throughput.add(self.tokens_per_step)
+        return own_grad_norm
+
+    def log_step(self, lr: float, own_grad_norm: float | None, step_time_s: float, bar: ProgressBar) -> None:
+        """Collective: the mean loss since the last log, over every rank, and the step's numbers."""
+        loss = all_reduce_mean(torch.stack(self.interval_losses).mean().item(), self.world.device)
+        self.interval_losses.clear()
+        tokens_per_s = self.throughput.rate()
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = own_grad_norm
+        self.sink.write({
+            "step": self.state.step, "loss": loss, "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens": self.state.tokens, "tokens_per_s": tokens_per_s, "step_time_s": step_time_s,
+            "tflops_per_rank": self.flops_per_token * tokens_per_s / self.world.world_size / 1e12,
+        })
+        bar.update(self.state.step, loss, lr, tokens_per_s)
+
+    def evaluate(self) -> float:
+        """Collective: validation loss, written to the metrics."""
+        val_loss = evaluate(self.engine, self.val, self.mesh, self.cfg.train.micro_batch_size, self.world.device)
+        self.sink.write({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss,
+                         "val_ppl": math.exp(val_loss)})
+        self.throughput.rate()  # evaluation time is not training throughput
+        return val_loss
+
+    def save(self) -> Path:
+        """Collective: a checkpoint of the engine and every stateful part."""
+        path = self.checkpointer.save(self.state.step)
+        self.throughput.rate()
+        return path
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def run(self) -> Summary:
+        t = self.cfg.train
+        if self.world.is_main:
+            log.info("train: %d steps of %d tokens (%d x %d micro-batches x %d ranks x seq %d), from step %d",
+                     t.steps, self.tokens_per_step, t.micro_batch_size, t.grad_accum, self.mesh.dp,
+                     self.cfg.data.seq_len, self.state.step)
+        bar = ProgressBar(t.steps, self.state.step, enabled=self.world.is_main and t.progress)
+        stop = StopFlag()
+        ckpt, val_loss = None, math.nan
+        while self.state.step < t.steps:
+            started = time.perf_counter()
+            step = self.state.step + 1
+            logging_step = step % t.log_every == 0 or step == t.steps
+            lr = self.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
+            own_grad_norm = self.train_step(measure_grad_norm=logging_step)
+            stopping = stop.agreed(self.world.device)
+            if logging_step or stopping:
+                self.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
+            if step % t.eval_every == 0 or step == t.steps:
+                val_loss = self.evaluate()
+            if (t.save_every and step % t.save_every == 0) or step == t.steps or stopping:
+                ckpt = self.save()
+            if stopping:
+                log.warning("stopped at step %d after a signal; resume by running the same command again", step)
+                break
+        bar.close()
+        if math.isnan(val_loss):  # e.g. resumed a finished run: report where the model stands anyway
+            log.info("train: no evaluation ran since step %d was reached; evaluating now", self.state.step)
+            val_loss = self.evaluate()
+        self.sink.close()
+        if self.world.is_main:
+            plot_loss(self.run_dir)
+        return Summary(self.run_dir, self.state.step, self.state.tokens, val_loss, math.exp(val_loss), time.time() -
+                       self.t_start, ckpt, self.manifest.unigram_entropy_nats)
+
+
+def train(cfg: Config) -> Summary:
+    """Set up a trainer for ``cfg`` and run it to ``train.steps`` (or to a stop signal)."""
+    return Trainer(cfg).run()
