@@ -143,9 +143,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = field("auto", "auto uses CUDA when available")
     log_every: int = field(10, "log metrics every N steps")
     eval_every: int = field(100, "evaluate on the validation split every N steps (and at the end)")
-    save_every: int = field(0, "save a checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = field(2, "how many recent checkpoints to keep")
-    resume: bool = field(True, "resume from run_dir's latest checkpoint when there is one")
+    stop_at: int = field(0, "stop (after saving) once this step is reached; the schedule still spans train.steps (0: never)")
+    save_every: int = field(0, "save a checkpoint every N steps (0: only at the end and when stopped)")
+    keep_checkpoints: int = field(2, "keep the newest K checkpoints")
+    keep_every: int = field(0, "also keep every checkpoint whose step is a multiple of M, forever (0: none)")
+    async_save: bool = field(True, "write checkpoints in the background while training continues (false: wait for each)")
+    resume: str = field("auto", "auto: from run_dir's newest valid checkpoint; never; or a checkpoint PATH to start "
+                                "from when run_dir has none of its own")
     progress: bool = field(True, "show a progress bar on rank 0")
     wandb: WandbConfig = field(WandbConfig(), "Weights & Biases logging")
 
@@ -324,7 +328,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     non_negative = {"model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size,
                     "model.max_seq_len": m.max_seq_len, "train.warmup_steps": t.warmup_steps,
-                    "train.save_every": t.save_every, "data.num_workers": d.num_workers, "parallel.dp": p.dp}
+                    "train.save_every": t.save_every, "train.keep_every": t.keep_every, "train.stop_at": t.stop_at,
+                    "data.num_workers": d.num_workers, "parallel.dp": p.dp}
     for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -351,6 +356,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.min_lr: need 0 <= min_lr <= lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
     if t.warmup_steps >= t.steps and t.schedule != "constant":
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} leaves no decay in train.steps={t.steps}")
+    if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().exists():
+        raise ConfigError(f"train.resume: {t.resume!r} is not auto, never, or an existing checkpoint path")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction: must be in (0, 1], got {t.decay_fraction}")
     _validate_model_split(cfg)

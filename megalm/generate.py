@@ -1,7 +1,7 @@
 """``megalm generate``: sample text from a checkpoint with temperature, top-k and top-p.
 
-The checkpoint carries its resolved config (meta.json), so the model is rebuilt exactly; the
-tokenizer is the one the run copied into its run dir.
+The checkpoint carries its resolved config (meta.json) and its tokenizer, so the model is rebuilt
+exactly, whatever layout saved it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from megalm.checkpoint import store
-from megalm.checkpoint.consolidate import full_model_state
+from megalm.checkpoint import catalog
+from megalm.checkpoint.shards import CheckpointReader
 from megalm.config import ModelConfig, from_dict
 from megalm.data.tokenizer import eot_id, load_tokenizer
 from megalm.model.transformer import Transformer
@@ -22,17 +22,15 @@ log = logging.getLogger("megalm")
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Path]:
     """The model of a run dir's latest checkpoint (or of one checkpoint dir), in eval mode."""
-    ckpt = store.resolve(path)
-    meta = store.verify(ckpt)
-    model_cfg = from_dict(ModelConfig, meta.config["model"], "model")
-    model = Transformer(model_cfg)
-    model.load_state_dict(full_model_state(ckpt, model_cfg, meta.layout))
+    ckpt = catalog.resolve(path)
+    meta = catalog.verify(ckpt, checksums=False)
+    model = Transformer(from_dict(ModelConfig, meta.config["model"], "model"))
+    model.load_state_dict(CheckpointReader(ckpt, meta).model_state())
     return model.to(device).eval(), ckpt
 
 
 def tokenizer_for(ckpt: Path):
-    run_dir = ckpt.parent.parent
-    return load_tokenizer(run_dir / "tokenizer.json")
+    return load_tokenizer(ckpt / "tokenizer.json")
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from megalm.checkpoint import store
+from megalm.checkpoint import catalog
 from megalm.data.prepare import read_manifest
 from megalm.generate import load_model
 from tests.helpers import CONFIG, TINY, compare_parameters, metrics, run_megalm, torchrun, train_losses
@@ -30,7 +30,7 @@ def test_run_dir_has_everything(single_run):
     assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
     for name in ["config.yaml", "loss.png", "tokenizer.json", "checkpoints/latest"]:
         assert (single_run / name).is_file(), name
-    assert [p.name for p in store.complete_checkpoints(single_run / "checkpoints")] == ["step_00000003", "step_00000006"]
+    assert [p.name for p in catalog.complete_checkpoints(single_run / "checkpoints")] == ["step_00000003", "step_00000006"]
 
 
 def test_loss_falls(data_dir, data_args, tmp_path):
@@ -48,7 +48,7 @@ def test_loss_falls(data_dir, data_args, tmp_path):
 def test_checkpoint_reloads_to_the_same_model(single_run, data_dir):
     model, ckpt = load_model(single_run)
     assert ckpt.name == "step_00000006"
-    meta = store.verify(ckpt)
+    meta = catalog.verify(ckpt)
     from megalm.data.loader import validation_sequences
 
     val = validation_sequences(data_dir, read_manifest(data_dir), 32, 16)

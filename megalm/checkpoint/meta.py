@@ -35,14 +35,25 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class FileEntry:
+    size: int  # bytes
+    xxh3: str  # xxh3-64 of the contents, hex
+
+
+@dataclass(frozen=True)
 class CheckpointMeta(Record):
     FILE: ClassVar[str] = "meta.json"
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     ERROR: ClassVar[type[Exception]] = CheckpointError
 
     step: int
     layout: Layout
     config: dict[str, Any]  # the resolved config of the run (megalm.config.Config.to_dict())
-    state: dict[str, Any]  # each shared stateful part's state_dict, by part name
-    files: dict[str, int]  # every other file of the checkpoint: path relative to it -> size in bytes
+    state: dict[str, Any]  # each shared stateful part's state_dict, by part name ({} for an imported model)
+    optimizer: bool  # holds Adam's moments (an imported model has weights only)
+    tokenizer_sha256: str  # of the tokenizer.json saved with it
+    files: dict[str, FileEntry]  # every other file of the checkpoint, by path relative to it
+    versions: dict[str, str]  # python, torch, deepspeed, megalm
+    git_commit: str  # of the megalm that wrote it
+    created_utc: str
     version: int = VERSION

@@ -1,40 +1,57 @@
-"""Saving and resuming training: every stateful part's state, sharded per rank, never torn.
+"""Saving and resuming training: every stateful part's state, on any layout, never torn.
 
-Layout under ``RUN_DIR/checkpoints/``::
+The checkpointer knows nothing of the parts' insides. It is handed the engine (whose model and
+optimizer state it saves as layout-independent fragments: fragments.py) and two sets of objects
+with ``state_dict()``/``load_state_dict()``: the *shared* parts (one state for the whole run, e.g.
+step counters and the data position; ``state_dict`` may be collective) and the *per-rank* parts
+(one state per rank, e.g. random streams).
 
-    step_00000100/          one complete checkpoint:
-        (DeepSpeed files)       the engine's model and optimizer shards, one set per rank
-        rank_00000.pt …         each rank's own parts (e.g. its RNG streams)
-        meta.json               the step, the layout, the shared parts' states, every file's size
-    latest                  the name of the newest complete checkpoint
+A save (collective) copies this rank's fragments into a reusable host buffer (the only time
+training waits), then a background thread writes the rank's files with checksums, fsyncs them and
+drops a marker. Rank 0's thread waits for every rank's marker, writes ``meta.json`` (every file's
+size and checksum), fsyncs, renames ``.tmp.step_N`` to ``step_N`` and only then moves ``latest``.
+The next save waits for the previous one; a failed background write is raised at the next step.
+With ``train.async_save=false`` the same work runs before ``save`` returns.
 
-The checkpointer knows nothing of the parts' insides: it is handed the engine and two sets of
-objects with ``state_dict()``/``load_state_dict()``, the *shared* parts (one state for the whole
-run, e.g. step counters and the data position; ``state_dict`` may be collective) and the
-*per-rank* parts (one state per rank). A checkpoint is written under a temporary name by every
-rank; only after all ranks finished does rank 0 write ``meta.json``, rename the directory into
-place and then move ``latest``. A directory without ``meta.json`` or whose files do not match it is
-never resumed from: the search says why and falls back to the previous complete checkpoint.
+Resuming (collective) takes the newest checkpoint whose files all verify (every rank checksums a
+share of them), checks that the model and tokenizer are the same, and puts every fragment back,
+reassembled for this run's layout when it differs from the saved one.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import importlib.metadata
+import json
 import logging
 import os
+import platform
 import shutil
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from megalm.checkpoint.meta import CheckpointError, CheckpointMeta, Layout
+from megalm.checkpoint import catalog
+from megalm.checkpoint.fragments import adam_step, ensure_optimizer_state, local_slots
+from megalm.checkpoint.meta import CheckpointError, CheckpointMeta, FileEntry, Layout
+from megalm.checkpoint.shards import CheckpointReader, Staging, rank_index, write_file, write_rank
+from megalm.config import Config, ConfigError
+from megalm.model.transformer import one_process_names
+from megalm.parallel.mesh import Mesh
 from megalm.records import atomic_write_text, fsync_dir
 
 log = logging.getLogger("megalm.checkpoint")
 
-LATEST = "latest"
-PREFIX = "step_"
+TOKENIZER = "tokenizer.json"
+COMMIT_TIMEOUT_S = 3600  # how long rank 0 waits for the other ranks' files before giving up on a save
+# model fields a resumed run may change: they do not change the function the weights compute
+FREE_MODEL_KEYS = {"name", "dropout", "init_std", "kernels"}
 
 
 class Stateful(Protocol):
@@ -43,127 +60,234 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
+@dataclass
+class SaveStats:
+    step: int
+    stall_s: float  # how long training waited (staging copy, shared state)
+    staged_bytes: int  # this rank's share
+    write_s: float | None = None  # start of the save to its commit (rank 0; None until committed)
 
 
 class Checkpointer:
     """Saves and restores one run's engine and parts under ``RUN_DIR/checkpoints``."""
 
-    def __init__(self, run_dir: str | Path, engine, layout: Layout, config: dict, *,
-                 shared: dict[str, Stateful], per_rank: dict[str, Stateful], keep: int):
-        self.root = checkpoint_root(run_dir)
-        self.engine, self.layout, self.config = engine, layout, config
-        self.shared, self.per_rank, self.keep = shared, per_rank, keep
-        self.rank = dist.get_rank()
+    def __init__(self, run_dir: str | Path, engine, mesh: Mesh, cfg: Config, *, shared: dict[str, Stateful],
+                 per_rank: dict[str, Stateful]):
+        self.root = catalog.checkpoint_root(run_dir)
+        self.tokenizer = Path(run_dir) / TOKENIZER
+        self.engine, self.mesh, self.cfg = engine, mesh, cfg
+        self.layout = Layout(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, zero_stage=cfg.train.zero_stage)
+        self.shared, self.per_rank = shared, per_rank
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.names = one_process_names(engine.module, cfg.model)
+        self.staging = Staging()
+        self.protected: set[Path] = set()  # never removed by retention (the checkpoint resumed from)
+        self.last: SaveStats | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------ saving
 
     def save(self, step: int) -> Path:
-        """Collective: every rank calls it. Returns the checkpoint directory."""
-        tag = f"{PREFIX}{step:08d}"
-        tmp = self.root / f".tmp.{tag}"
-        shared = {name: part.state_dict() for name, part in self.shared.items()}  # may be collective
+        """Collective. Returns where the checkpoint will be once complete (``wait()``)."""
+        started = time.perf_counter()
+        self.wait()  # the previous save reuses the staging buffer
+        shared = {name: part.state_dict() for name, part in self.shared.items()}
+        tmp = self.root / f"{catalog.TMP}{catalog.tag(step)}"
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
+            tmp.mkdir(parents=True)
         dist.barrier()
-        self.engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
-        torch.save({name: part.state_dict() for name, part in self.per_rank.items()}, tmp / rank_file(self.rank))
-        dist.barrier()  # every rank's files are on disk
-        final = self.root / tag
-        if self.rank == 0:
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            CheckpointMeta(step=step, layout=self.layout, config=self.config, state=shared, files=files).write(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            atomic_write_text(self.root / LATEST, tag)
-            self._apply_retention()
-        dist.barrier()
-        return final
+        fragments = self.staging.fill(local_slots(self.engine, self.mesh, self.names, saving=True))
+        index = rank_index(fragments, adam_step(self.engine), {n: p.state_dict() for n, p in self.per_rank.items()})
+        if self.last is None and self.rank == 0:
+            log.info("checkpoint: staging buffer %.1f MB per rank (this rank's fp32 masters and Adam moments), "
+                     "%s", self.staging.nbytes / 1e6, "written in the background" if self.cfg.train.async_save
+                     else "written before training goes on")
+        self.last = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
+        self._error = None
+        self._thread = threading.Thread(target=self._write, args=(tmp, step, index, shared, started),
+                                        name=f"megalm-save-{step}", daemon=True)
+        self._thread.start()
+        if not self.cfg.train.async_save:
+            self.wait()
+            dist.barrier()  # every rank returns with the checkpoint complete
+        return self.root / catalog.tag(step)
+
+    def _write(self, tmp: Path, step: int, index: dict, shared: dict, started: float) -> None:
+        try:
+            files = write_rank(tmp, self.rank, self.staging.buffer, index)
+            atomic_write_text(tmp / _marker(self.rank), json.dumps({k: vars(v) for k, v in files.items()}))
+            if self.rank == 0:
+                self._commit(tmp, step, shared)
+                self.last.write_s = time.perf_counter() - started
+                log.info("checkpoint %s: training waited %.3f s; written and committed in %.2f s (%.1f MB from "
+                         "this rank)", catalog.tag(step), self.last.stall_s, self.last.write_s,
+                         self.last.staged_bytes / 1e6)
+        except BaseException as e:  # kept for the training loop to raise: never a silent loss
+            self._error = e
+
+    def _commit(self, tmp: Path, step: int, shared: dict) -> None:
+        """Rank 0: once every rank's files are on disk, make the checkpoint complete, then ``latest``."""
+        files: dict[str, FileEntry] = {}
+        deadline = time.monotonic() + COMMIT_TIMEOUT_S
+        for rank in range(self.world):
+            while not (tmp / _marker(rank)).is_file():
+                if time.monotonic() > deadline:
+                    raise CheckpointError(f"{tmp}: rank {rank} did not finish writing within {COMMIT_TIMEOUT_S} s")
+                time.sleep(0.01)
+            files.update({k: FileEntry(**v) for k, v in json.loads((tmp / _marker(rank)).read_text()).items()})
+        files[TOKENIZER] = write_file(tmp / TOKENIZER, self.tokenizer.read_bytes())
+        CheckpointMeta(
+            step=step, layout=self.layout, config=self.cfg.to_dict(), state=shared, optimizer=True,
+            tokenizer_sha256=hashlib.sha256(self.tokenizer.read_bytes()).hexdigest(), files=files,
+            versions=versions(), git_commit=git_commit(),
+            created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        ).write(tmp)
+        for rank in range(self.world):
+            (tmp / _marker(rank)).unlink()
+        fsync_dir(tmp)
+        final = self.root / catalog.tag(step)
+        if final.exists():  # the same step saved again (e.g. a finished run resumed)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        atomic_write_text(self.root / catalog.LATEST, final.name)
+        t = self.cfg.train
+        for old in catalog.to_delete(self.root, step, t.keep_checkpoints, t.keep_every, self.protected):
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint: removed %s (keeping the newest %d%s)", old.name, t.keep_checkpoints,
+                     f" and every {t.keep_every}th step" if t.keep_every else "")
+
+    def check(self) -> None:
+        """Raise the error of a background save that failed (called every step)."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"saving {self.last and catalog.tag(self.last.step)} failed on rank {self.rank}: "
+                                  f"{type(error).__name__}: {error}") from error
+
+    def wait(self) -> None:
+        """Block until the save in flight (this rank's part; on rank 0 its commit) is done."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    # ------------------------------------------------------------------------------ resuming
 
     def resume(self) -> CheckpointMeta | None:
-        """Collective: restore the newest complete checkpoint, if any; returns its meta."""
-        found = find_resumable(self.root.parent) if self.rank == 0 else None
-        gathered = [found]
-        dist.broadcast_object_list(gathered, src=0)
-        if gathered[0] is None:
-            return None
-        ckpt, meta = gathered[0]
-        if meta.layout != self.layout:
-            raise CheckpointError(f"{ckpt}: saved with layout {meta.layout}, this run is {self.layout}; "
-                                  f"resuming on another layout is not supported yet: restart with the saved one")
-        path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
-        for name, part in self.shared.items():
-            part.load_state_dict(meta.state[name])
-        mine = torch.load(ckpt / rank_file(self.rank), map_location="cpu", weights_only=False)
-        for name, part in self.per_rank.items():
-            part.load_state_dict(mine[name])
-        log.info("resume: from %s (step %d)", ckpt, meta.step)
-        return meta
+        """Collective: restore the newest valid checkpoint (see ``train.resume``); returns its meta."""
+        mode = self.cfg.train.resume
+        candidates = [None]
+        if self.rank == 0 and mode != "never":
+            found = catalog.newest_first(self.root)
+            if not found and mode != "auto":
+                found = [catalog.resolve(mode)]
+            candidates = [found]
+        dist.broadcast_object_list(candidates, src=0)
+        candidates = candidates[0] or []
+        for ckpt in candidates:
+            meta, problem = self._verified(ckpt)
+            if problem:
+                log.warning("checkpoint: cannot resume from %s: %s; trying the previous one", ckpt.name, problem)
+                continue
+            self._check_compatible(ckpt, meta)
+            self._load(ckpt, meta)
+            if ckpt.parent == self.root:
+                self.protected.add(ckpt)
+            return meta
+        if candidates:
+            raise CheckpointError(f"{self.root}: none of the {len(candidates)} checkpoints verifies (see above); "
+                                  f"repair or remove them, or start over with train.resume=never")
+        return None
 
-    def _apply_retention(self) -> None:
-        for old in complete_checkpoints(self.root)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint: removed %s (keeping the newest %d)", old.name, self.keep)
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories with a meta.json, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / CheckpointMeta.FILE).is_file())
-
-
-def verify(ckpt: Path) -> CheckpointMeta:
-    """The meta of a checkpoint whose files are all present with their recorded sizes."""
-    meta = CheckpointMeta.read(ckpt)
-    for name, size in meta.files.items():
-        path = ckpt / name
-        if not path.is_file():
-            raise CheckpointError(f"{ckpt}: missing {name}")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{ckpt}: {name} is {path.stat().st_size} bytes, expected {size} (torn write?)")
-    return meta
-
-
-def find_resumable(run_dir: str | Path) -> tuple[Path, CheckpointMeta] | None:
-    """The newest checkpoint that verifies, preferring the one ``latest`` names; None if none."""
-    root = checkpoint_root(run_dir)
-    candidates = list(reversed(complete_checkpoints(root)))
-    latest = root / LATEST
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
-        else:
-            log.warning("checkpoint: %s names %s, which is not a complete checkpoint; looking for older ones",
-                        latest, named.name)
-    for ckpt in candidates:
+    def _verified(self, ckpt: Path) -> tuple[CheckpointMeta | None, str | None]:
+        """Collective: every rank checksums a share of the files; the first problem, if any."""
         try:
-            return ckpt, verify(ckpt)
+            meta, found = CheckpointMeta.read(ckpt), []
+            found = catalog.problems(ckpt, meta, sorted(meta.files)[self.rank::self.world])
         except CheckpointError as e:
-            log.warning("checkpoint: skipping %s", e)
-    return None
+            meta, found = None, [str(e)]
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, found)
+        found = [p for part in everyone for p in part]
+        return meta, (found[0] if found else None)
+
+    def _check_compatible(self, ckpt: Path, meta: CheckpointMeta) -> None:
+        """The model and the tokenizer must be the saved ones; other changes are listed."""
+        saved, now = _flatten(meta.config), _flatten(self.cfg.to_dict())
+        differ = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+        shape = {k: v for k, v in differ.items() if k.startswith("model.") and k.split(".")[1] not in FREE_MODEL_KEYS}
+        if shape:
+            raise ConfigError(f"train.resume: {ckpt} holds another model ("
+                              + ", ".join(f"{k}={new!r} here, {old!r} there" for k, (old, new) in shape.items())
+                              + "); resume with its model settings, or start a new run_dir")
+        sha = hashlib.sha256(self.tokenizer.read_bytes()).hexdigest()
+        if sha != meta.tokenizer_sha256:
+            raise ConfigError(f"train.resume: {ckpt} was trained with another tokenizer than {self.tokenizer}; "
+                              f"prepare the data with data.tokenizer={ckpt / TOKENIZER}")
+        if differ and self.rank == 0:
+            log.info("resume: config changes since %s: %s", ckpt.name,
+                     "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differ.items()))
+
+    def _load(self, ckpt: Path, meta: CheckpointMeta) -> None:
+        reader = CheckpointReader(ckpt, meta)
+        same = meta.layout == self.layout
+        if self.rank == 0:
+            log.info("resume: from %s (step %d, layout %s%s)", ckpt, meta.step, meta.layout,
+                     "" if same else f", reassembled for {self.layout}")
+        ensure_optimizer_state(self.engine, reader.adam_step if meta.optimizer else 0)
+        for slot in local_slots(self.engine, self.mesh, self.names, saving=False):
+            values = reader.local(slot.fragment.name, getattr(slot.p, "shard", None), self.mesh.tp_rank, self.mesh.tp)
+            if not meta.optimizer:  # an imported model: Adam starts from zero moments
+                values = [values[0], torch.zeros_like(values[0]), torch.zeros_like(values[0])]
+            slot.write(values[0], values[1:])
+        self._restore_schedule(meta.state.get("train", {}).get("step", 0))
+        for name, part in self.shared.items():
+            if name in meta.state:
+                part.load_state_dict(meta.state[name])
+            elif self.rank == 0:
+                log.info("resume: %s holds no %s state; it starts fresh", ckpt.name, name)
+        if same:
+            for name, part in self.per_rank.items():
+                part.load_state_dict(reader.parts(self.rank)[name])
+        elif self.rank == 0:
+            log.info("resume: the layout changed, so each rank's random streams restart from the seed")
+
+    def _restore_schedule(self, step: int) -> None:
+        """The engine's counters and the learning rate of step ``step`` (the schedule is a function
+        of the step and the config, so a changed schedule applies from here on)."""
+        e = self.engine
+        e.global_steps, e.micro_steps = step, step * e.gradient_accumulation_steps()
+        e.global_samples = step * e.train_batch_size()
+        sched = e.lr_scheduler
+        sched.last_epoch, sched._step_count = step, step + 1
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(step)
 
 
-def resolve(path: str | Path) -> Path:
-    """A run dir, its checkpoints dir, or one checkpoint dir -> one verified checkpoint dir."""
-    path = Path(path)
-    if (path / CheckpointMeta.FILE).is_file():
-        verify(path)
-        return path
-    for run_dir in (path, path.parent):
-        found = find_resumable(run_dir) if checkpoint_root(run_dir).is_dir() else None
-        if found:
-            return found[0]
-    raise CheckpointError(f"{path}: no complete checkpoint found (expected a run dir, its checkpoints/ "
-                          f"or a {PREFIX}N directory with {CheckpointMeta.FILE})")
+def _marker(rank: int) -> str:
+    return f"rank_{rank:05d}.done"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def versions() -> dict[str, str]:
+    import deepspeed
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "megalm": importlib.metadata.version("megalm")}
+
+
+def git_commit() -> str:
+    from megalm_kernels.benchmarking import git_commit as commit
+
+    return commit()

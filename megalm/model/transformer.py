@@ -58,6 +58,23 @@ def layer_ids(cfg: ModelConfig) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
+def one_process_names(module: nn.Module, cfg: ModelConfig) -> dict[nn.Parameter, str]:
+    """Each parameter of a ``Transformer`` or of this rank's ``PipelineModule`` stage, with its name
+    in the one-process ``Transformer``: pipeline layer ``i`` is layer id ``i``, and a tied weight
+    (``tied_modules.embed.*``) belongs to the layer it is tied under."""
+    names = {i: name for name, i in layer_ids(cfg).items()}
+    out = {}
+    for name, p in module.named_parameters():
+        head, _, rest = name.partition(".")
+        if head == "tied_modules":
+            out[p] = rest
+        elif head.isdigit():
+            out[p] = f"{names[int(head)]}.{rest}"
+        else:
+            out[p] = name
+    return out
+
+
 def parameter_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
     """Parameters of the whole model, whatever the layout. Without embeddings: the parameters that
     take part in matmuls (blocks and the output head, tied or not), which set the FLOPs per token."""

@@ -12,6 +12,9 @@ import os
 import time
 from pathlib import Path
 
+import torch
+import xxhash
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from megalm.config import Config
@@ -138,3 +141,14 @@ class Throughput:
         rate = self.tokens / max(now - self.t0, 1e-9)
         self.t0, self.tokens = now, 0
         return rate
+
+
+HASH_BITS = 40  # per sequence: sums over a million sequences stay exact in an int64
+
+
+def data_hash(micro_batches: list[torch.Tensor]) -> int:
+    """An order-free fingerprint of a set of token sequences: the sum of their hashes. Summed over
+    ranks it names the global batch whatever the layout, so two runs (or a run and its resume)
+    trained on the same data exactly when their ``data_hash`` columns agree."""
+    return sum(xxhash.xxh3_64_intdigest(row.numpy().tobytes()) & ((1 << HASH_BITS) - 1)
+               for batch in micro_batches for row in batch)

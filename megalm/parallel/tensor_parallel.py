@@ -216,8 +216,16 @@ class Shard:
         return torch.Size(shape)
 
     def take(self, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+        """This rank's shard of the full tensor."""
         pieces = full.split(list(self.parts), dim=self.dim)
         return torch.cat([p.chunk(tp, dim=self.dim)[rank] for p in pieces], dim=self.dim)
+
+    def join(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's shard, in rank order (the inverse of ``take``)."""
+        tp = len(shards)
+        per_rank = [s.split([n // tp for n in self.parts], dim=self.dim) for s in shards]
+        return torch.cat([torch.cat([parts[i] for parts in per_rank], dim=self.dim)
+                          for i in range(len(self.parts))], dim=self.dim)
 
 
 def sharded_parameter(full_shape: tuple[int, ...], shard: Shard, tp: int, init_std: float | None) -> nn.Parameter:

@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megalm.checkpoint.meta import Layout
 from megalm.checkpoint.store import Checkpointer
 from megalm.config import Config, validate
 from megalm.data.loader import TrainLoader, validation_sequences
 from megalm.data.prepare import prepare, read_manifest
 from megalm.model.transformer import parameter_count
-from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, drop_metrics_after, plot_loss
+from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after, plot_loss
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
@@ -70,6 +69,7 @@ class Trainer:
         self.sink = MetricsSink(self.cfg, self.run_dir, enabled=self.world.is_main)
         self.throughput = Throughput()
         self.interval_losses: list[torch.Tensor] = []
+        self.interval_data_hash = 0  # which sequences were trained on since the last log (any layout)
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -114,14 +114,11 @@ class Trainer:
 
     def _build_checkpointer(self) -> Checkpointer:
         """The engine and every stateful part, by name: what a checkpoint holds."""
-        layout = Layout(tp=self.mesh.tp, pp=self.mesh.pp, dp=self.mesh.dp, zero_stage=self.cfg.train.zero_stage)
-        return Checkpointer(self.run_dir, self.engine, layout, self.cfg.to_dict(),
-                            shared={"train": self.state, "data": self.loader}, per_rank={"rng": self.rng},
-                            keep=self.cfg.train.keep_checkpoints)
+        return Checkpointer(self.run_dir, self.engine, self.mesh, self.cfg,
+                            shared={"train": self.state, "data": self.loader}, per_rank={"rng": self.rng})
 
     def _resume(self) -> None:
-        if self.cfg.train.resume:
-            self.checkpointer.resume()
+        self.checkpointer.resume()
         if self.world.is_main:
             drop_metrics_after(self.run_dir, self.state.step)  # rows of steps the checkpoint lacks are redone
 
@@ -130,7 +127,10 @@ class Trainer:
     def train_step(self, measure_grad_norm: bool) -> float | None:
         """One optimizer step over this rank's micro-batches. Returns the gradient norm where
         DeepSpeed does not report it (if asked to measure it)."""
+        self.checkpointer.check()  # a background save that failed stops training here
         micro_batches = next(self.loader)
+        if self.mesh.tp_rank == 0 and self.mesh.pp_rank == 0:  # each sequence counted once
+            self.interval_data_hash += data_hash(micro_batches)
         own_grad_norm = None
         if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
             loss = self.engine.train_batch(iter([(mb[:, :-1], mb[:, 1:]) for mb in micro_batches]))
@@ -152,7 +152,10 @@ class Trainer:
     def log_step(self, lr: float, own_grad_norm: float | None, step_time_s: float, bar: ProgressBar) -> None:
         """Collective: the mean loss since the last log, over every rank, and the step's numbers."""
         loss = all_reduce_mean(torch.stack(self.interval_losses).mean().item(), self.world.device)
+        batch_hash = torch.tensor([self.interval_data_hash], dtype=torch.int64, device=self.world.device)
+        dist.all_reduce(batch_hash)
         self.interval_losses.clear()
+        self.interval_data_hash = 0
         tokens_per_s = self.throughput.rate()
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
@@ -162,6 +165,7 @@ class Trainer:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": self.state.tokens, "tokens_per_s": tokens_per_s, "step_time_s": step_time_s,
             "tflops_per_rank": self.flops_per_token * tokens_per_s / self.world.world_size / 1e12,
+            "data_hash": int(batch_hash.item()),
         })
         bar.update(self.state.step, loss, lr, tokens_per_s)
 
@@ -190,23 +194,25 @@ class Trainer:
         bar = ProgressBar(t.steps, self.state.step, enabled=self.world.is_main and t.progress)
         stop = StopFlag()
         ckpt, val_loss = None, math.nan
-        while self.state.step < t.steps:
+        last = min(t.steps, t.stop_at or t.steps)
+        while self.state.step < last:
             started = time.perf_counter()
             step = self.state.step + 1
-            logging_step = step % t.log_every == 0 or step == t.steps
+            logging_step = step % t.log_every == 0 or step == last
             lr = self.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
             own_grad_norm = self.train_step(measure_grad_norm=logging_step)
-            stopping = stop.agreed(self.world.device)
-            if logging_step or stopping:
+            signalled = stop.agreed(self.world.device)
+            if logging_step or signalled:
                 self.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
             if step % t.eval_every == 0 or step == t.steps:
                 val_loss = self.evaluate()
-            if (t.save_every and step % t.save_every == 0) or step == t.steps or stopping:
+            if (t.save_every and step % t.save_every == 0) or step == last or signalled:
                 ckpt = self.save()
-            if stopping:
+            if signalled:
                 log.warning("stopped at step %d after a signal; resume by running the same command again", step)
                 break
         bar.close()
+        self.checkpointer.wait()  # the last checkpoint is complete before the run reports it
         if math.isnan(val_loss):  # e.g. resumed a finished run: report where the model stands anyway
             log.info("train: no evaluation ran since step %d was reached; evaluating now", self.state.step)
             val_loss = self.evaluate()

@@ -1,0 +1,183 @@
+"""A rank's checkpoint files: writing them with checksums, and reading them back on any layout.
+
+Every rank writes two files into the checkpoint directory:
+
+    rank_NNNNN.bin    float32 values of the rank's fragments (fragments.py): for each fragment its
+                      fp32 master values, then each Adam moment, at ``Fragment.offset``
+    rank_NNNNN.pt     the rank's index: its fragments, Adam's step, and its per-rank parts' states
+
+Checksums (xxh3-64) are computed while the bytes are written, so they cost no second pass over
+the data. ``CheckpointReader`` reassembles any parameter of the one-process model from whichever
+ranks wrote its fragments, so a checkpoint loads on a layout other than the one that saved it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+
+from megalm.checkpoint.fragments import Fragment, _Slot
+from megalm.checkpoint.meta import CheckpointError, CheckpointMeta, FileEntry
+from megalm.parallel.tensor_parallel import Shard
+
+CHUNK = 16 << 20  # bytes per write (and per checksum update)
+KINDS = 3  # values per element: master, exp_avg, exp_avg_sq
+
+
+def data_file(rank: int) -> str:
+    return f"rank_{rank:05d}.bin"
+
+
+def index_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+class Staging:
+    """A host buffer this rank's fragments are copied into, so that training can go on changing
+    the live tensors while a writer saves the copy. It holds exactly one checkpoint's share of this
+    rank (fp32 master and two moments per element), is allocated once and reused by every save,
+    and is pinned when the tensors live on a GPU (so the copy runs at full bandwidth)."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel() * 4
+
+    @torch.no_grad()
+    def fill(self, slots: list[_Slot]) -> list[Fragment]:
+        """Copy every slot's values in; returns the fragments with their offsets."""
+        total = KINDS * sum(s.fragment.numel for s in slots)
+        if self.buffer is None or self.buffer.numel() != total:
+            on_gpu = any(s.p.device.type == "cuda" for s in slots)
+            self.buffer = torch.empty(total, dtype=torch.float32, pin_memory=on_gpu and torch.cuda.is_available())
+        fragments, offset = [], 0
+        for slot in slots:
+            n = slot.fragment.numel
+            fragments.append(replace(slot.fragment, offset=offset))
+            for values in slot.read():
+                self.buffer[offset:offset + n].copy_(values.reshape(-1), non_blocking=True)
+                offset += n
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies have landed before anyone reads the buffer
+        return fragments
+
+
+def write_file(path: Path, data) -> FileEntry:
+    """Write bytes-like ``data`` to ``path`` in chunks, checksumming as it goes; fsync."""
+    view = memoryview(data).cast("B")
+    digest = xxhash.xxh3_64()
+    with open(path, "wb") as f:
+        for start in range(0, len(view), CHUNK):
+            chunk = view[start:start + CHUNK]
+            digest.update(chunk)
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return FileEntry(size=len(view), xxh3=digest.hexdigest())
+
+
+def checksum(path: Path) -> str:
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_rank(directory: Path, rank: int, values: torch.Tensor, index: dict) -> dict[str, FileEntry]:
+    """This rank's two files; returns their sizes and checksums."""
+    buffer = io.BytesIO()
+    torch.save(index, buffer)
+    return {data_file(rank): write_file(directory / data_file(rank), values.numpy()),
+            index_file(rank): write_file(directory / index_file(rank), buffer.getbuffer())}
+
+
+def rank_index(fragments: list[Fragment], adam_step: int, parts: dict) -> dict:
+    return {"fragments": [asdict(f) for f in fragments], "adam_step": adam_step, "parts": parts}
+
+
+class CheckpointReader:
+    """Any parameter's full fp32 master and moments, assembled from a checkpoint of any layout."""
+
+    def __init__(self, ckpt: Path, meta: CheckpointMeta):
+        self.ckpt, self.meta = ckpt, meta
+        self.indexes = [self._load_index(r) for r in range(meta.layout.world_size)]
+        self._data: dict[int, np.ndarray] = {}
+        self.by_name: dict[str, list[tuple[int, Fragment]]] = {}
+        for rank, index in enumerate(self.indexes):
+            for raw in index["fragments"]:
+                f = Fragment(**{**raw, "shard_parts": tuple(raw["shard_parts"]), "shape": tuple(raw["shape"])})
+                self.by_name.setdefault(f.name, []).append((rank, f))
+        self.adam_step = max(index["adam_step"] for index in self.indexes)
+
+    def _load_index(self, rank: int) -> dict:
+        path = self.ckpt / index_file(rank)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch raises assorted types for torn or foreign files
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def parts(self, rank: int) -> dict:
+        """The per-rank parts' states that rank ``rank`` saved."""
+        return self.indexes[rank]["parts"]
+
+    def values(self, rank: int, f: Fragment) -> list[torch.Tensor]:
+        """A fragment's master values and moments, as written."""
+        if rank not in self._data:
+            self._data[rank] = np.memmap(self.ckpt / data_file(rank), dtype=np.float32, mode="r")
+        data = self._data[rank]
+        return [torch.from_numpy(np.array(data[f.offset + k * f.numel:f.offset + (k + 1) * f.numel]))
+                for k in range(KINDS)]
+
+    def local(self, name: str, shard: Shard | None, tp_rank: int, tp: int) -> list[torch.Tensor]:
+        """Parameter ``name``'s master and moments as tensor rank ``tp_rank`` of ``tp`` holds them,
+        split by ``shard`` (None: replicated, the full tensor). Reads only that shard's fragments
+        when the checkpoint was split the same way."""
+        entries = self.by_name.get(name)
+        if not entries:
+            raise CheckpointError(f"{self.ckpt}: holds no values for parameter {name}")
+        saved = entries[0][1]
+        saved_shard = Shard(saved.shard_dim, saved.shard_parts) if saved.shard_dim >= 0 else None
+        if saved_shard is not None and saved_shard == shard and saved.tp == tp:
+            return self._shard(name, entries, tp_rank)
+        if saved_shard is None:
+            full = self._shard(name, entries, 0)
+        else:
+            pieces = [self._shard(name, entries, t) for t in range(saved.tp)]
+            full = [saved_shard.join([piece[k] for piece in pieces]) for k in range(KINDS)]
+        return full if shard is None else [shard.take(t, tp_rank, tp) for t in full]
+
+    def full(self, name: str) -> torch.Tensor:
+        """The one-process parameter ``name``'s fp32 master value."""
+        return self.local(name, None, 0, 1)[0]
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The one-process model's state dict (fp32), whatever layout saved it."""
+        return {name: self.full(name) for name in self.names()}
+
+    def _shard(self, name: str, entries: list[tuple[int, Fragment]], t: int) -> list[torch.Tensor]:
+        """Tensor rank ``t``'s shard as saved: master and moments, assembled from its fragments."""
+        shape = entries[0][1].shape
+        numel = int(np.prod(shape))
+        shard = [torch.empty(numel) for _ in range(KINDS)]
+        covered = 0
+        for rank, f in entries:
+            if f.tp_rank == t:
+                for buf, values in zip(shard, self.values(rank, f)):
+                    buf[f.start:f.start + f.numel] = values
+                covered += f.numel
+        if covered != numel:
+            raise CheckpointError(f"{self.ckpt}: parameter {name}, tensor shard {t}: the rank files hold {covered} "
+                                  f"of its {numel} values (a rank's files are missing or from another checkpoint)")
+        return [b.view(shape) for b in shard]
