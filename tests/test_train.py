@@ -1,9 +1,8 @@
 """Training end to end through the real entry points: loss falls, data parallel and every ZeRO
-stage reproduce one process, a checkpoint resumes exactly and reloads to the same model, and
-generate is reproducible."""
+stage reproduce one process, a checkpoint reloads to the same model, and generate is reproducible
+(resuming is tested in test_checkpoint.py)."""
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -57,23 +56,6 @@ def test_checkpoint_reloads_to_the_same_model(single_run, data_dir):
     trained_val = [r["val_loss"] for r in metrics(single_run) if "val_loss" in r][-1]
     assert loss.item() == pytest.approx(trained_val, rel=1e-6)
     assert meta.step == 6 and meta.state["train"]["tokens"] == 6 * 4 * 32
-
-
-def test_resume_continues_exactly(single_run, tmp_path):
-    """Drop the last checkpoint (as if preempted after step 3); the rerun must repeat steps 4-6."""
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(single_run, run_dir)
-    shutil.rmtree(run_dir / "checkpoints/step_00000006")
-    (run_dir / "checkpoints/.tmp.step_00000006").mkdir()  # a torn save must be ignored
-    config = run_dir / "config.yaml"
-    text = config.read_text().replace(str(single_run), str(run_dir))
-    config.write_text(text)
-    proc = run_megalm("train", str(config))
-    assert "resume: from" in proc.stderr and "step_00000003" in proc.stderr
-    original = {r["step"]: r["loss"] for r in metrics(single_run) if "loss" in r}
-    resumed = {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
-    for step in (4, 5, 6):
-        assert resumed[step] == pytest.approx(original[step], rel=1e-6), (step, resumed, original)
 
 
 def test_generate_is_reproducible(single_run):

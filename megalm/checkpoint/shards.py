@@ -3,8 +3,10 @@
 Every rank writes two files into the checkpoint directory:
 
     rank_NNNNN.bin    float32 values of the rank's fragments (fragments.py): for each fragment its
-                      fp32 master values, then each Adam moment, at ``Fragment.offset``
-    rank_NNNNN.pt     the rank's index: its fragments, Adam's step, and its per-rank parts' states
+                      fp32 master values, then each Adam moment, at ``Fragment.offset`` (masters
+                      only in a checkpoint without optimizer state, e.g. an imported model)
+    rank_NNNNN.pt     the rank's index: its fragments, how many values each element has, Adam's
+                      step, and its per-rank parts' states
 
 Checksums (xxh3-64) are computed while the bytes are written, so they cost no second pass over
 the data. ``CheckpointReader`` reassembles any parameter of the one-process model from whichever
@@ -100,8 +102,8 @@ def write_rank(directory: Path, rank: int, values: torch.Tensor, index: dict) ->
             index_file(rank): write_file(directory / index_file(rank), buffer.getbuffer())}
 
 
-def rank_index(fragments: list[Fragment], adam_step: int, parts: dict) -> dict:
-    return {"fragments": [asdict(f) for f in fragments], "adam_step": adam_step, "parts": parts}
+def rank_index(fragments: list[Fragment], adam_step: int, parts: dict, kinds: int = KINDS) -> dict:
+    return {"fragments": [asdict(f) for f in fragments], "kinds": kinds, "adam_step": adam_step, "parts": parts}
 
 
 class CheckpointReader:
@@ -133,12 +135,13 @@ class CheckpointReader:
         return self.indexes[rank]["parts"]
 
     def values(self, rank: int, f: Fragment) -> list[torch.Tensor]:
-        """A fragment's master values and moments, as written."""
+        """A fragment's master values and moments (zeros where the checkpoint has none)."""
         if rank not in self._data:
             self._data[rank] = np.memmap(self.ckpt / data_file(rank), dtype=np.float32, mode="r")
-        data = self._data[rank]
-        return [torch.from_numpy(np.array(data[f.offset + k * f.numel:f.offset + (k + 1) * f.numel]))
-                for k in range(KINDS)]
+        data, kinds = self._data[rank], self.indexes[rank]["kinds"]
+        values = [torch.from_numpy(np.array(data[f.offset + k * f.numel:f.offset + (k + 1) * f.numel]))
+                  for k in range(kinds)]
+        return values + [torch.zeros(f.numel) for _ in range(KINDS - kinds)]
 
     def local(self, name: str, shard: Shard | None, tp_rank: int, tp: int) -> list[torch.Tensor]:
         """Parameter ``name``'s master and moments as tensor rank ``tp_rank`` of ``tp`` holds them,

@@ -21,7 +21,6 @@ reassembled for this run's layout when it differs from the saved one.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -38,10 +37,11 @@ import torch
 import torch.distributed as dist
 
 from megalm.checkpoint import catalog
-from megalm.checkpoint.fragments import adam_step, ensure_optimizer_state, local_slots
+from megalm.checkpoint.fragments import Fragment, adam_step, ensure_optimizer_state, local_slots
 from megalm.checkpoint.meta import CheckpointError, CheckpointMeta, FileEntry, Layout
-from megalm.checkpoint.shards import CheckpointReader, Staging, rank_index, write_file, write_rank
+from megalm.checkpoint.shards import CheckpointReader, Staging, checksum, rank_index, write_file, write_rank
 from megalm.config import Config, ConfigError
+from megalm.data.tokenizer import load_tokenizer, tokenizer_hash
 from megalm.model.transformer import one_process_names
 from megalm.parallel.mesh import Mesh
 from megalm.records import atomic_write_text, fsync_dir
@@ -71,10 +71,10 @@ class SaveStats:
 class Checkpointer:
     """Saves and restores one run's engine and parts under ``RUN_DIR/checkpoints``."""
 
-    def __init__(self, run_dir: str | Path, engine, mesh: Mesh, cfg: Config, *, shared: dict[str, Stateful],
-                 per_rank: dict[str, Stateful]):
+    def __init__(self, run_dir: str | Path, engine, mesh: Mesh, cfg: Config, tokenizer: Path, *,
+                 shared: dict[str, Stateful], per_rank: dict[str, Stateful]):
         self.root = catalog.checkpoint_root(run_dir)
-        self.tokenizer = Path(run_dir) / TOKENIZER
+        self.tokenizer = tokenizer  # the data's, saved with every checkpoint
         self.engine, self.mesh, self.cfg = engine, mesh, cfg
         self.layout = Layout(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, zero_stage=cfg.train.zero_stage)
         self.shared, self.per_rank = shared, per_rank
@@ -140,7 +140,7 @@ class Checkpointer:
         files[TOKENIZER] = write_file(tmp / TOKENIZER, self.tokenizer.read_bytes())
         CheckpointMeta(
             step=step, layout=self.layout, config=self.cfg.to_dict(), state=shared, optimizer=True,
-            tokenizer_sha256=hashlib.sha256(self.tokenizer.read_bytes()).hexdigest(), files=files,
+            tokenizer_sha256=tokenizer_hash(self.tokenizer), files=files,
             versions=versions(), git_commit=git_commit(),
             created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         ).write(tmp)
@@ -222,11 +222,10 @@ class Checkpointer:
             raise ConfigError(f"train.resume: {ckpt} holds another model ("
                               + ", ".join(f"{k}={new!r} here, {old!r} there" for k, (old, new) in shape.items())
                               + "); resume with its model settings, or start a new run_dir")
-        sha = hashlib.sha256(self.tokenizer.read_bytes()).hexdigest()
-        if sha != meta.tokenizer_sha256:
+        if tokenizer_hash(self.tokenizer) != meta.tokenizer_sha256:
             raise ConfigError(f"train.resume: {ckpt} was trained with another tokenizer than {self.tokenizer}; "
                               f"prepare the data with data.tokenizer={ckpt / TOKENIZER}")
-        if differ and self.rank == 0:
+        if differ and meta.state and self.rank == 0:  # (a weights-only checkpoint has no run to compare with)
             log.info("resume: config changes since %s: %s", ckpt.name,
                      "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differ.items()))
 
@@ -239,20 +238,20 @@ class Checkpointer:
         ensure_optimizer_state(self.engine, reader.adam_step if meta.optimizer else 0)
         for slot in local_slots(self.engine, self.mesh, self.names, saving=False):
             values = reader.local(slot.fragment.name, getattr(slot.p, "shard", None), self.mesh.tp_rank, self.mesh.tp)
-            if not meta.optimizer:  # an imported model: Adam starts from zero moments
-                values = [values[0], torch.zeros_like(values[0]), torch.zeros_like(values[0])]
-            slot.write(values[0], values[1:])
+            slot.write(values[0], values[1:])  # without optimizer state (an imported model) the moments are zeros
         self._restore_schedule(meta.state.get("train", {}).get("step", 0))
         for name, part in self.shared.items():
             if name in meta.state:
                 part.load_state_dict(meta.state[name])
             elif self.rank == 0:
                 log.info("resume: %s holds no %s state; it starts fresh", ckpt.name, name)
-        if same:
-            for name, part in self.per_rank.items():
-                part.load_state_dict(reader.parts(self.rank)[name])
-        elif self.rank == 0:
-            log.info("resume: the layout changed, so each rank's random streams restart from the seed")
+        saved = reader.parts(self.rank) if same else {}
+        for name, part in self.per_rank.items():
+            if name in saved:
+                part.load_state_dict(saved[name])
+            elif self.rank == 0:
+                log.info("resume: %s has no %s state for this layout (%s); it starts from the seed", ckpt.name,
+                         name, "the layout changed" if not same else "none was saved")
 
     def _restore_schedule(self, step: int) -> None:
         """The engine's counters and the learning rate of step ``step`` (the schedule is a function
@@ -291,3 +290,36 @@ def git_commit() -> str:
     from megalm_kernels.benchmarking import git_commit as commit
 
     return commit()
+
+
+def save_weights(out: Path, cfg: Config, state: dict[str, torch.Tensor], tokenizer: Path) -> Path:
+    """A checkpoint of a model's weights alone (no optimizer, step or data state), as written by
+    one process, plus ``model.yaml`` (its model config, for a run to name). Training started from
+    it (``train.resume=OUT``) begins at step 0 with fresh Adam moments, on any layout."""
+    import yaml
+
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; choose a new directory")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fragments, offset = [], 0
+    for name, tensor in state.items():
+        fragments.append(Fragment(name=name, tp_rank=0, tp=1, shard_dim=-1, shard_parts=(), shape=tuple(tensor.shape),
+                                  start=0, numel=tensor.numel(), offset=offset))
+        offset += tensor.numel()
+    values = torch.cat([t.reshape(-1).float() for t in state.values()])
+    files = write_rank(tmp, 0, values, rank_index(fragments, 0, {}, kinds=1))
+    load_tokenizer(tokenizer).save(str(tmp / TOKENIZER))  # canonical form, as `megalm prepare` saves it
+    files[TOKENIZER] = FileEntry(size=(tmp / TOKENIZER).stat().st_size, xxh3=checksum(tmp / TOKENIZER))
+    CheckpointMeta(
+        step=0, layout=Layout(tp=1, pp=1, dp=1, zero_stage=0), config=cfg.to_dict(), state={}, optimizer=False,
+        tokenizer_sha256=tokenizer_hash(tmp / TOKENIZER), files=files, versions=versions(), git_commit=git_commit(),
+        created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    ).write(tmp)
+    (tmp / "model.yaml").write_text(yaml.safe_dump(cfg.to_dict()["model"], sort_keys=False))
+    fsync_dir(tmp)
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out

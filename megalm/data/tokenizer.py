@@ -6,6 +6,8 @@ end-of-text token separates documents when they are packed into training sequenc
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -14,6 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from megalm.data.sources import DataError
 
 EOT = "<|endoftext|>"
+# what imported tokenizers call their end-of-text token, tried in order after ours
+END_OF_TEXT = (EOT, "</s>", "<|end_of_text|>")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -39,10 +43,20 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise DataError(f"{path}: not a valid HF tokenizers file ({e}); re-run `megalm prepare` or pass a good data.tokenizer") from None
-    if tok.token_to_id(EOT) is None:
-        raise DataError(f"{path}: tokenizer has no {EOT} token, which separates documents")
+    if all(tok.token_to_id(t) is None for t in END_OF_TEXT):
+        raise DataError(f"{path}: tokenizer has no end-of-text token ({', '.join(END_OF_TEXT)}), which separates "
+                        f"documents")
     return tok
 
 
 def eot_id(tok: Tokenizer) -> int:
-    return tok.token_to_id(EOT)
+    return next(tok.token_to_id(t) for t in END_OF_TEXT if tok.token_to_id(t) is not None)
+
+
+def tokenizer_hash(path: str | Path) -> str:
+    """sha256 of what maps text to token ids: the vocabulary and merges, added tokens, normalizer
+    and pre-tokenizer, canonically serialized. The same tokenizer saved by another tool (e.g.
+    ``transformers``, which adds an empty post-processor) hashes the same."""
+    spec = json.loads(load_tokenizer(path).to_str())
+    ids = {k: spec.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
+    return hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()

@@ -18,6 +18,7 @@ import xxhash
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from megalm.config import Config
+from megalm.records import atomic_write_text
 
 log = logging.getLogger("megalm")
 
@@ -85,10 +86,17 @@ class ProgressBar:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a last line cut short (the process was killed mid-write) is left out."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("metrics: left out a torn line of %s: %r", path, line[:80])
+    return rows
 
 
 def drop_metrics_after(run_dir: Path, step: int) -> None:
@@ -96,7 +104,7 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
     if path.is_file():
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_loss(run_dir: Path) -> Path | None:

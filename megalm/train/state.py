@@ -34,6 +34,13 @@ class RNGState:
     numbers as an uninterrupted one.
     """
 
+    @staticmethod
+    def seed(seed: int) -> None:
+        """Seed all of them from the run's seed (model weights are seeded per layer, elsewhere)."""
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+
     def state_dict(self) -> dict:
         return {
             "python": random.getstate(),

@@ -53,6 +53,7 @@ class Trainer:
         self.t_start = time.time()
         self.world, self.mesh = self._start_world(cfg)
         self.cfg, self.manifest = self._prepare_data(cfg)
+        self.tokenizer = Path(self.cfg.data.dir) / self.manifest.tokenizer
         self.run_dir = self._make_run_dir()
         self.engine = self._build_engine()
         self.state, self.rng, self.loader = TrainState(), RNGState(), self._build_loader()
@@ -93,12 +94,10 @@ class Trainer:
         run_dir = Path(self.cfg.train.run_dir)
         if self.world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-            shutil.copyfile(Path(self.cfg.data.dir) / self.manifest.tokenizer, run_dir / "tokenizer.json")
         return run_dir
 
     def _build_engine(self):
-        torch.manual_seed(self.cfg.train.seed)  # dropout; weights are seeded per layer (tensor_parallel.init_layer)
+        RNGState.seed(self.cfg.train.seed)  # dropout; weights are seeded per layer (tensor_parallel.init_layer)
         engine = build_engine(self.cfg, build_model(self.cfg, self.mesh), self.mesh)
         m = self.cfg.model
         if self.world.is_main:
@@ -114,13 +113,16 @@ class Trainer:
 
     def _build_checkpointer(self) -> Checkpointer:
         """The engine and every stateful part, by name: what a checkpoint holds."""
-        return Checkpointer(self.run_dir, self.engine, self.mesh, self.cfg,
+        return Checkpointer(self.run_dir, self.engine, self.mesh, self.cfg, self.tokenizer,
                             shared={"train": self.state, "data": self.loader}, per_rank={"rng": self.rng})
 
     def _resume(self) -> None:
+        """Resume; only then record this run's config and tokenizer (a refused resume changes nothing)."""
         self.checkpointer.resume()
         if self.world.is_main:
             drop_metrics_after(self.run_dir, self.state.step)  # rows of steps the checkpoint lacks are redone
+            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            shutil.copyfile(self.tokenizer, self.run_dir / "tokenizer.json")
 
     # ------------------------------------------------------------------------------ phases
 
