@@ -129,7 +129,9 @@ def cmd_bench(args) -> int:
         from megalm_kernels import bench
 
         return bench.main(args.rest)
-    raise ConfigError(f"bench: unknown benchmark {args.what!r}")
+    from megalm.bench import ckpt
+
+    return ckpt.main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.set_defaults(func=cmd_ckpt)
 
     sp = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
-    sp.add_argument("what", choices=["kernels"])
+    sp.add_argument("what", choices=["kernels", "ckpt"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
     sp.set_defaults(func=cmd_bench)
     return p

@@ -246,3 +246,16 @@ def test_continue_pretraining_an_imported_model_with_tensor_parallelism(data_dir
     with torch.no_grad():
         expected = torch.stack([model(b[:, :-1], b[:, 1:]) for b in next(loader)]).mean().item()
     assert train_losses(run_dir)[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bench_ckpt_measures_against_the_raw_disk(tmp_path):
+    out = tmp_path / "results"
+    run_megalm("bench", "ckpt", "--model", "tiny", "--quick", "--dir", str(tmp_path / "disk"), "--out", str(out))
+    result = json.loads((out / "ckpt.json").read_text())
+    rows = {r["what"]: r for r in result["rows"]}
+    assert rows["disk: raw sequential write (fsync)"]["gb_per_s"] > 0
+    sync = rows["save, synchronous"]
+    assert sync["vs_raw"] == pytest.approx(sync["gb_per_s"] / rows["disk: raw sequential write (fsync)"]["gb_per_s"])
+    assert result["meta"]["checkpoint_bytes"] > result["meta"]["staging_bytes"] > 0
+    assert "save, async: training stalled" in (out / "ckpt.md").read_text()
+    assert not (tmp_path / "disk").exists()  # the benchmark cleans up after itself

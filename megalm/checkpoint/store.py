@@ -84,6 +84,7 @@ class Checkpointer:
         self.protected: set[Path] = set()  # never removed by retention (the checkpoint resumed from)
         self.last: SaveStats | None = None
         self._thread: threading.Thread | None = None
+        self._snapshot = None  # the staging copy of the save in flight, until it is complete
         self._error: BaseException | None = None
 
     # ------------------------------------------------------------------------------ saving
@@ -98,34 +99,33 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
             tmp.mkdir(parents=True)
         dist.barrier()
-        fragments = self.staging.fill(local_slots(self.engine, self.mesh, self.names, saving=True))
-        index = rank_index(fragments, adam_step(self.engine), {n: p.state_dict() for n, p in self.per_rank.items()})
-        if self.last is None and self.rank == 0:
-            log.info("checkpoint: staging buffer %.1f MB per rank (this rank's fp32 masters and Adam moments), "
-                     "%s", self.staging.nbytes / 1e6, "written in the background" if self.cfg.train.async_save
-                     else "written before training goes on")
+        slots = local_slots(self.engine, self.mesh, self.names, saving=True)
+        parts = {name: part.state_dict() for name, part in self.per_rank.items()}
+        self._snapshot = self.staging.start(slots)  # the copy runs until the next optimizer step needs the tensors
         self.last = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
         self._error = None
-        self._thread = threading.Thread(target=self._write, args=(tmp, step, index, shared, started),
-                                        name=f"megalm-save-{step}", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(tmp, step, adam_step(self.engine), parts, shared,
+                                                                  started), name=f"megalm-save-{step}", daemon=True)
         self._thread.start()
         if not self.cfg.train.async_save:
             self.wait()
             dist.barrier()  # every rank returns with the checkpoint complete
         return self.root / catalog.tag(step)
 
-    def _write(self, tmp: Path, step: int, index: dict, shared: dict, started: float) -> None:
+    def _write(self, tmp: Path, step: int, adam: int, parts: dict, shared: dict, started: float) -> None:
         try:
-            files = write_rank(tmp, self.rank, self.staging.buffer, index)
+            fragments = self.staging.finish()
+            files = write_rank(tmp, self.rank, self.staging.buffer, rank_index(fragments, adam, parts))
             atomic_write_text(tmp / _marker(self.rank), json.dumps({k: vars(v) for k, v in files.items()}))
             if self.rank == 0:
                 self._commit(tmp, step, shared)
                 self.last.write_s = time.perf_counter() - started
                 log.info("checkpoint %s: training waited %.3f s; written and committed in %.2f s (%.1f MB from "
-                         "this rank)", catalog.tag(step), self.last.stall_s, self.last.write_s,
-                         self.last.staged_bytes / 1e6)
+                         "this rank, staged in host memory)", catalog.tag(step), self.last.stall_s,
+                         self.last.write_s, self.last.staged_bytes / 1e6)
         except BaseException as e:  # kept for the training loop to raise: never a silent loss
             self._error = e
+            self.staging.abandon()
 
     def _commit(self, tmp: Path, step: int, shared: dict) -> None:
         """Rank 0: once every rank's files are on disk, make the checkpoint complete, then ``latest``."""
@@ -154,13 +154,21 @@ class Checkpointer:
         fsync_dir(self.root)
         atomic_write_text(self.root / catalog.LATEST, final.name)
         t = self.cfg.train
-        for old in catalog.to_delete(self.root, step, t.keep_checkpoints, t.keep_every, self.protected):
-            shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint: removed %s (keeping the newest %d%s)", old.name, t.keep_checkpoints,
-                     f" and every {t.keep_every}th step" if t.keep_every else "")
+        doomed = catalog.to_delete(self.root, step, t.keep_checkpoints, t.keep_every, self.protected)
+        if doomed:  # deleting is no part of saving: nobody waits for it
+            threading.Thread(target=_remove, args=(doomed, t.keep_checkpoints, t.keep_every), daemon=True).start()
+
+    def before_step(self) -> None:
+        """Training is about to change the weights: a save in flight must have copied them."""
+        if self._snapshot is not None:
+            waited = self._snapshot.wait()
+            self._snapshot = None
+            if self.last is not None:
+                self.last.stall_s += waited
+        self.check()
 
     def check(self) -> None:
-        """Raise the error of a background save that failed (called every step)."""
+        """Raise the error of a background save that failed."""
         if self._error is not None:
             error, self._error = self._error, None
             raise CheckpointError(f"saving {self.last and catalog.tag(self.last.step)} failed on rank {self.rank}: "
@@ -168,6 +176,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the save in flight (this rank's part; on rank 0 its commit) is done."""
+        self.before_step()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -263,6 +272,13 @@ class Checkpointer:
         sched.last_epoch, sched._step_count = step, step + 1
         for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(step)
+
+
+def _remove(doomed: list[Path], keep_last: int, keep_every: int) -> None:
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: removed %s (keeping the newest %d%s)", old.name, keep_last,
+                 f" and every {keep_every}th step" if keep_every else "")
 
 
 def _marker(rank: int) -> str:

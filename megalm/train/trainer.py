@@ -135,6 +135,7 @@ class Trainer:
             self.interval_data_hash += data_hash(micro_batches)
         own_grad_norm = None
         if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
+            self.checkpointer.before_step()
             loss = self.engine.train_batch(iter([(mb[:, :-1], mb[:, 1:]) for mb in micro_batches]))
             self.interval_losses.append(loss.detach().float())
         else:
@@ -142,8 +143,10 @@ class Trainer:
                 micro = micro.to(self.world.device, non_blocking=True)
                 loss = self.engine(micro[:, :-1], micro[:, 1:])
                 self.engine.backward(loss)
-                if measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
-                    own_grad_norm = gradient_norm(self.engine, self.mesh)
+                if self.engine.is_gradient_accumulation_boundary():
+                    if measure_grad_norm:
+                        own_grad_norm = gradient_norm(self.engine, self.mesh)
+                    self.checkpointer.before_step()  # a save in flight must have copied the weights it changes
                 self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
                 self.interval_losses.append(loss.detach().float())
         self.state.step += 1
