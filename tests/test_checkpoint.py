@@ -259,3 +259,36 @@ def test_bench_ckpt_measures_against_the_raw_disk(tmp_path):
     assert result["meta"]["checkpoint_bytes"] > result["meta"]["staging_bytes"] > 0
     assert "save, async: training stalled" in (out / "ckpt.md").read_text()
     assert not (tmp_path / "disk").exists()  # the benchmark cleans up after itself
+
+
+FAILING_SAVE = """
+import sys
+from pathlib import Path
+from megalm.bench.ckpt import build, forward_backward
+from megalm.checkpoint import store
+from megalm.checkpoint.meta import CheckpointError
+from megalm.train.state import TrainState
+
+def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+run_dir = Path(sys.argv[1])
+engine, mesh, cfg, tokenizer, device = build("tiny", run_dir)
+checkpointer = store.Checkpointer(run_dir, engine, mesh, cfg, tokenizer, shared={"train": TrainState(1)}, per_rank={})
+store.write_rank = full_disk
+checkpointer.save(1)  # returns at once: the write fails in the background
+forward_backward(engine, cfg, device)
+try:
+    checkpointer.before_step()  # the next optimizer update
+except CheckpointError as e:
+    print("raised:", e)
+"""
+
+
+def test_a_failed_background_write_stops_training_at_the_next_step(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", FAILING_SAVE, str(tmp_path / "run")], capture_output=True, text=True,
+                          cwd=REPO, env=env(), timeout=300)
+    assert "raised: saving step_00000001 failed on rank 0: OSError: [Errno 28] No space left on device" in proc.stdout, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "run/checkpoints/latest").exists()
+    assert catalog.complete_checkpoints(tmp_path / "run/checkpoints") == []

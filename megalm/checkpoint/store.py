@@ -101,7 +101,12 @@ class Checkpointer:
         dist.barrier()
         slots = local_slots(self.engine, self.mesh, self.names, saving=True)
         parts = {name: part.state_dict() for name, part in self.per_rank.items()}
+        first = self.staging.buffer is None
         self._snapshot = self.staging.start(slots)  # the copy runs until the next optimizer step needs the tensors
+        if first and self.rank == 0:
+            log.info("checkpoint: staging buffer of %.1f MB per rank (rank 0's fp32 masters and Adam moments; "
+                     "allocated once, reused by every save); %s", self.staging.nbytes / 1e6,
+                     "written in the background" if self.cfg.train.async_save else "written before training goes on")
         self.last = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
         self._error = None
         self._thread = threading.Thread(target=self._write, args=(tmp, step, adam_step(self.engine), parts, shared,
