@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One node: megalm train under torchrun, one process per GPU (or NPROC processes on CPU).
+# One node: preflight, then megalm train under torchrun, one process per GPU (or NPROC processes on
+# a machine without GPUs, over gloo). SIGUSR1 or SIGTERM to this script make every rank save and stop.
 #   launch/train.sh configs/gpt2-125m.yaml train.steps=1000
-#   NPROC=2 launch/train.sh configs/quickstart.yaml      # 2 CPU processes over gloo
+#   NPROC=2 launch/train.sh configs/quickstart.yaml      # 2 CPU processes
 set -euo pipefail
-if [ -z "${NPROC:-}" ]; then
-    NPROC=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')
-fi
-exec python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m megalm.cli train "$@"
+GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}
+GPU_FLAG=$([ "$GPUS" -gt 0 ] && echo --gpus || true)
+exec python3 -m megalm.cluster.node "$@" --nproc-per-node "$NPROC" $GPU_FLAG

@@ -124,6 +124,12 @@ def cmd_ckpt(args) -> int:
     return 0
 
 
+def cmd_slurm(args) -> int:
+    from megalm.cluster import slurm
+
+    return slurm.submit(args.rest)
+
+
 def cmd_bench(args) -> int:
     if args.what == "kernels":
         from megalm_kernels import bench
@@ -193,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     for parser in csub.choices.values():
         parser.set_defaults(func=cmd_ckpt)
 
+    sp = sub.add_parser("slurm", help="run on a Slurm cluster: megalm slurm submit CONFIG --nodes N ...")
+    sp.add_argument("action", choices=["submit"])
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="see megalm slurm submit --help")
+    sp.set_defaults(func=cmd_slurm)
+
     sp = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
     sp.add_argument("what", choices=["kernels", "ckpt"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
@@ -204,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
     from megalm.checkpoint.meta import CheckpointError
+    from megalm.cluster.slurm import SlurmError
     from megalm.data.sources import DataError
 
     try:
@@ -211,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megalm: config error: {e}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, SlurmError) as e:
         print(f"megalm: error: {e}", file=sys.stderr)
         return 1
 

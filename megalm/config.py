@@ -152,6 +152,16 @@ class TrainConfig:
                                 "from when run_dir has none of its own")
     progress: bool = field(True, "show a progress bar on rank 0")
     wandb: WandbConfig = field(WandbConfig(), "Weights & Biases logging")
+    watchdog_timeout_s: float = field(
+        600.0, "a rank that makes no progress (or stops its heartbeat) this long ends the run, named (0: off)")
+    collective_timeout_s: float = field(1800.0, "how long a collective may wait for a peer before it fails")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    max_requeues: int = field(3, "requeues in a row that end at the same step before the job gives up")
+    signal_lead_s: int = field(180, "seconds before the time limit that Slurm signals the job to save and requeue")
+    rdzv_wait_s: int = field(120, "how long a node waits for the rendezvous on the first node before failing")
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,7 @@ class Config:
     data: DataConfig = field(DataConfig(), "preparing and streaming the corpus")
     parallel: ParallelConfig = field(ParallelConfig(), "the parallel layout")
     train: TrainConfig = field(TrainConfig(), "optimization, logging and checkpointing")
+    slurm: SlurmConfig = field(SlurmConfig(), "Slurm jobs: requeue and signals (megalm slurm submit)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -322,6 +333,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "data.vocab_size": d.vocab_size, "train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size,
         "train.grad_accum": t.grad_accum, "train.log_every": t.log_every, "train.eval_every": t.eval_every,
         "train.keep_checkpoints": t.keep_checkpoints, "data.eval_sequences": d.eval_sequences,
+        "train.collective_timeout_s": t.collective_timeout_s, "slurm.signal_lead_s": cfg.slurm.signal_lead_s,
+        "slurm.rdzv_wait_s": cfg.slurm.rdzv_wait_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -329,6 +342,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     non_negative = {"model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size,
                     "model.max_seq_len": m.max_seq_len, "train.warmup_steps": t.warmup_steps,
                     "train.save_every": t.save_every, "train.keep_every": t.keep_every, "train.stop_at": t.stop_at,
+                    "train.watchdog_timeout_s": t.watchdog_timeout_s, "slurm.max_requeues": cfg.slurm.max_requeues,
                     "data.num_workers": d.num_workers, "parallel.dp": p.dp}
     for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp}.items():
         if value < 1:

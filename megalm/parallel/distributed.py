@@ -50,7 +50,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(requested_device: str = "auto", timeout_minutes: int = 30) -> World:
+def init_distributed(requested_device: str = "auto", timeout_s: float = 1800.0) -> World:
     """Join (or create) the process group; idempotent."""
     if "RANK" not in os.environ:  # a plain process: a world of one on a free local port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -62,7 +62,7 @@ def init_distributed(requested_device: str = "auto", timeout_minutes: int = 30) 
         import deepspeed  # imported here: it takes seconds, and `megalm config` never needs it
 
         backend = "nccl" if device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes),
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
                                    verbose=False)
     return World(rank, world_size, local_rank, device)
 

@@ -32,6 +32,7 @@ from megalm.train.engine import build_engine, build_model, gradient_norm, resolv
 from megalm.train.evaluate import evaluate
 from megalm.train.preemption import StopFlag
 from megalm.train.state import RNGState, TrainState
+from megalm.train.watchdog import VERDICT_FILE, Watchdog
 
 log = logging.getLogger("megalm")
 
@@ -61,6 +62,7 @@ class Trainer:
                                         self.cfg.data.eval_sequences)
         self.checkpointer = self._build_checkpointer()
         self._resume()
+        self.watchdog = Watchdog(self.cfg.train.watchdog_timeout_s, self.run_dir / VERDICT_FILE)
 
         d, t = self.cfg.data, self.cfg.train
         self.tokens_per_step = t.micro_batch_size * t.grad_accum * self.mesh.dp * d.seq_len
@@ -76,7 +78,7 @@ class Trainer:
 
     def _start_world(self, cfg: Config):
         validate(cfg, launched_world_size())  # layout errors surface before any process group starts
-        world = init_distributed(cfg.train.device)
+        world = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank)
         if world.is_main:
             log.info(mesh.describe())
@@ -130,7 +132,9 @@ class Trainer:
         """One optimizer step over this rank's micro-batches. Returns the gradient norm where
         DeepSpeed does not report it (if asked to measure it)."""
         self.checkpointer.check()  # a background save that failed stops training here
+        self.watchdog.progress(self.state.step, "data")
         micro_batches = next(self.loader)
+        self.watchdog.progress(self.state.step, "forward-backward")
         if self.mesh.tp_rank == 0 and self.mesh.pp_rank == 0:  # each sequence counted once
             self.interval_data_hash += data_hash(micro_batches)
         own_grad_norm = None
@@ -149,6 +153,7 @@ class Trainer:
                     self.checkpointer.before_step()  # a save in flight must have copied the weights it changes
                 self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
                 self.interval_losses.append(loss.detach().float())
+                self.watchdog.progress(self.state.step, "forward-backward")
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         self.throughput.add(self.tokens_per_step)
@@ -176,6 +181,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Collective: validation loss, written to the metrics."""
+        self.watchdog.progress(self.state.step, "evaluation")
         val_loss = evaluate(self.engine, self.val, self.mesh, self.cfg.train.micro_batch_size, self.world.device)
         self.sink.write({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss,
                          "val_ppl": math.exp(val_loss)})
@@ -184,6 +190,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Collective: a checkpoint of the engine and every stateful part."""
+        self.watchdog.progress(self.state.step, "save")
         path = self.checkpointer.save(self.state.step)
         self.throughput.rate()
         return path
@@ -191,15 +198,37 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
 
     def run(self) -> Summary:
+        """Train to ``train.steps`` (or ``train.stop_at``, or a stop signal), then report."""
         t = self.cfg.train
         if self.world.is_main:
             log.info("train: %d steps of %d tokens (%d x %d micro-batches x %d ranks x seq %d), from step %d",
                      t.steps, self.tokens_per_step, t.micro_batch_size, t.grad_accum, self.mesh.dp,
                      self.cfg.data.seq_len, self.state.step)
+        if t.watchdog_timeout_s:
+            self.watchdog.start()
+        try:
+            ckpt, val_loss = self._loop(min(t.steps, t.stop_at or t.steps))
+        except Exception:
+            self.watchdog.diagnose()  # a peer that died shows up here first, as a failed collective
+            raise
+        self.watchdog.progress(self.state.step, "save")
+        self.checkpointer.wait()  # the last checkpoint is complete before the run reports it
+        if math.isnan(val_loss):  # e.g. resumed a finished run: report where the model stands anyway
+            log.info("train: no evaluation ran since step %d was reached; evaluating now", self.state.step)
+            val_loss = self.evaluate()
+        self.sink.close()
+        self.watchdog.close()
+        if self.world.is_main:
+            plot_loss(self.run_dir)
+        return Summary(self.run_dir, self.state.step, self.state.tokens, val_loss, math.exp(val_loss), time.time() -
+                       self.t_start, ckpt, self.manifest.unigram_entropy_nats)
+
+    def _loop(self, last: int) -> tuple[Path | None, float]:
+        """The steps: train, log, evaluate, save; returns the last checkpoint and validation loss."""
+        t = self.cfg.train
         bar = ProgressBar(t.steps, self.state.step, enabled=self.world.is_main and t.progress)
         stop = StopFlag()
         ckpt, val_loss = None, math.nan
-        last = min(t.steps, t.stop_at or t.steps)
         while self.state.step < last:
             started = time.perf_counter()
             step = self.state.step + 1
@@ -217,15 +246,7 @@ class Trainer:
                 log.warning("stopped at step %d after a signal; resume by running the same command again", step)
                 break
         bar.close()
-        self.checkpointer.wait()  # the last checkpoint is complete before the run reports it
-        if math.isnan(val_loss):  # e.g. resumed a finished run: report where the model stands anyway
-            log.info("train: no evaluation ran since step %d was reached; evaluating now", self.state.step)
-            val_loss = self.evaluate()
-        self.sink.close()
-        if self.world.is_main:
-            plot_loss(self.run_dir)
-        return Summary(self.run_dir, self.state.step, self.state.tokens, val_loss, math.exp(val_loss), time.time() -
-                       self.t_start, ckpt, self.manifest.unigram_entropy_nats)
+        return ckpt, val_loss
 
 
 def train(cfg: Config) -> Summary:

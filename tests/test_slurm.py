@@ -1,0 +1,209 @@
+"""Slurm for real: a two-node test cluster on this machine (slurm/testcluster/), jobs submitted with
+`megalm slurm submit`, one CPU rank per node over gloo. The time limit's signal makes every rank
+save, the job requeues itself and resumes on the uninterrupted loss curve; a killed rank and a
+stopped rank end the job within the watchdog's timeout, named."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megalm.checkpoint import catalog
+from megalm.checkpoint.meta import CheckpointMeta, Layout
+from megalm.cluster import requeue
+from tests.helpers import CONFIG, REPO, TINY, env, metrics, torchrun
+
+START, STOP = REPO / "slurm/testcluster/start.sh", REPO / "slurm/testcluster/stop.sh"
+LONG = ["train.steps=100000", "train.eval_every=100000", "train.log_every=1", "train.micro_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The environment that reaches the test cluster (started here, stopped after the module)."""
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm test cluster needs root (it installs and runs slurmctld, slurmd and munge)")
+    state = tmp_path_factory.mktemp("slurm")
+    e = {**env(), "MEGALM_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf"),
+         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the jobs' python3 is this one
+    subprocess.run(["bash", str(START), "2"], env=e, check=True, timeout=300)
+    yield e
+    subprocess.run(["bash", str(STOP)], env=e, timeout=120)
+
+
+def submit(e: dict, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "megalm.cli", "slurm", "submit", *args], env=e, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
+def running(e: dict, job: str) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job], env=e, capture_output=True, text=True).stdout
+    return bool(out.strip())
+
+
+def wait_until(condition, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def job_log(run_dir: Path) -> str:
+    return "".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*.out")))
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [r["step"] for r in metrics(run_dir) if "loss" in r] if (run_dir / "metrics.jsonl").is_file() else []
+
+
+def rank_process(job: str, rank: int) -> psutil.Process:
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd, environ = " ".join(p.info["cmdline"] or []), p.environ()
+        except psutil.Error:
+            continue
+        if "megalm.cli train" in cmd and "torch.distributed.run" not in cmd and environ.get("RANK") == str(rank) \
+                and environ.get("SLURM_JOB_ID") == job:
+            return p
+    raise AssertionError(f"no rank {rank} of job {job}")
+
+
+@pytest.mark.slow
+def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_args, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [CONFIG, *TINY, *data_args, *LONG, f"train.run_dir={run_dir}", "slurm.signal_lead_s=40"]
+    started = time.monotonic()
+    job = submit(slurm, *args, "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--time", "1")
+    # the time limit's signal comes 20-50 s in: every rank saves, the job requeues, resumes, goes on
+    wait_until(lambda: "(restart 1)" in job_log(run_dir) and "resume: from" in job_log(run_dir).split("(restart 1)")[1],
+               150, "the requeued job to resume")
+    resumed = int(re.search(r"resume: from \S+step_(\d+)", job_log(run_dir)).group(1))
+    wait_until(lambda: len(steps_logged(run_dir)) >= resumed + 10, 60, "steps after the resume")
+    subprocess.run(["scancel", job], env=slurm, check=True)  # TERM: every rank saves, no requeue
+    wait_until(lambda: not running(slurm, job), 90, "the cancelled job to end")
+    wall = time.monotonic() - started
+    log = job_log(run_dir)
+    first_job = log.split("(restart 1)")[0]
+    assert "USR1 (time limit near, or preemption)" in first_job and "requeueing to resume" in first_job
+    assert f"stopped at step {resumed} after a signal" in first_job
+    assert "TERM (cancelled): every rank saves and stops" in log and "(restart 2)" not in log
+    final = catalog.newest_first(catalog.checkpoint_root(run_dir))[0]
+    last = int(final.name.removeprefix("step_"))
+    assert last > resumed + 5, "the cancel's save"
+    reference = tmp_path / "reference"
+    torchrun(2, "train", *args, f"train.run_dir={reference}", f"train.stop_at={last}")
+    ours = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
+    theirs = {r["step"]: r for r in metrics(reference) if "loss" in r}
+    assert sorted(ours) == sorted(theirs) == list(range(1, last + 1))
+    for step in theirs:  # across the requeue, bit for bit: same weights, same batches
+        assert (ours[step]["loss"], ours[step]["data_hash"]) == (theirs[step]["loss"], theirs[step]["data_hash"]), step
+    print(f"\nrequeue test: stopped at step {resumed}, resumed, cancelled at step {last}; {wall:.0f} s")
+
+
+@pytest.mark.slow
+def test_a_killed_and_a_stopped_rank_are_named_and_end_their_jobs(slurm, data_args, tmp_path):
+    """Two jobs at once: rank 1 of one is killed (SIGKILL), rank 1 of the other stopped (SIGSTOP)."""
+    jobs = {}
+    for how in ("kill", "stop"):
+        run_dir = tmp_path / how
+        jobs[how] = (run_dir, submit(slurm, CONFIG, *TINY, *data_args, *LONG, f"train.run_dir={run_dir}",
+                                     "train.watchdog_timeout_s=8", "slurm.max_requeues=0", "--nodes", "2",
+                                     "--gpus-per-node", "1", "--cpu", "--time", "10"))
+    for run_dir, _ in jobs.values():
+        wait_until(lambda: len(steps_logged(run_dir)) >= 40, 120, "training to start")
+    victims = {how: rank_process(job, 1) for how, (_, job) in jobs.items()}
+    hit = time.monotonic()
+    victims["kill"].kill()
+    victims["stop"].suspend()
+    for how, (run_dir, job) in jobs.items():
+        wait_until(lambda: not running(slurm, job), 120, f"the {how} job to end")
+        ended_after = time.monotonic() - hit
+        log = job_log(run_dir)
+        named = re.search(r"watchdog: rank 1 on node\d \(pid (\d+)\) stopped responding at step (\d+)", log)
+        assert named and int(named.group(1)) == victims[how].pid, log[-3000:]
+        assert 0 < int(named.group(2)) <= max(steps_logged(run_dir))  # its last heartbeat's step
+        assert "not requeueing" in log and "slurm.max_requeues=0" in log
+        assert ended_after < 8 + 30, ended_after  # the watchdog's timeout, its interval and the job's teardown
+        assert not psutil.pid_exists(victims[how].pid), "the stopped rank was left behind"
+        assert "rank 1 on node" in (run_dir / "watchdog.txt").read_text()
+        print(f"\n{how}: the job ended {ended_after:.0f} s after its rank 1 was hit")
+
+
+def test_requeue_decisions(tmp_path):
+    """Finished: no requeue; stopped early: requeue; stuck at one step: give up after max_requeues."""
+    run_dir = tmp_path / "run"
+    root = catalog.checkpoint_root(run_dir)
+
+    def at(step: int) -> None:
+        (root / catalog.tag(step)).mkdir(parents=True)
+        CheckpointMeta(step=step, layout=Layout(1, 1, 1, 0), config={}, state={}, optimizer=True, tokenizer_sha256="",
+                       files={}, versions={}, git_commit="", created_utc="").write(root / catalog.tag(step))
+        (root / catalog.LATEST).write_text(catalog.tag(step))
+
+    args = [str(REPO / CONFIG), f"train.run_dir={run_dir}", "train.steps=50", "slurm.max_requeues=2"]
+    at(10)
+    assert requeue.decide(args[0], args[1:], 0, "1")[0] is True
+    assert requeue.decide(args[0], args[1:], 1, "2")[0] is True
+    again, why = requeue.decide(args[0], args[1:], 1, "3")
+    assert again is False and "3 times in a row" in why
+    at(20)  # progress: the count starts over
+    assert requeue.decide(args[0], args[1:], 0, "4")[0] is True
+    at(50)
+    again, why = requeue.decide(args[0], args[1:], 0, "5")
+    assert again is False and why.startswith("finished")
+
+
+def node_launcher(*args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megalm.cluster.node", *args], cwd=REPO, capture_output=True,
+                          text=True, env={**env(), **(extra_env or {})}, timeout=120)
+
+
+def test_preflight_fails_early_with_the_reason(data_args, tmp_path):
+    base = [CONFIG, *TINY, *data_args, f"train.run_dir={tmp_path / 'run'}", "slurm.rdzv_wait_s=2"]
+    cases = [
+        (["--nproc-per-node", "3", "parallel.tp=2"], {}, "1 nodes x 3 processes = 3: parallel: tp=2 x pp=1 does not "
+                                                          "divide the 3 processes started"),
+        (["--nproc-per-node", "1", "--gpus"], {}, "has 0 GPUs, the job starts 1 processes per node"),
+        (["--nproc-per-node", "1", "--nnodes", "2", "data.dir=/nonexistent/data"], {"SLURMD_NODENAME": "node2"},
+         "data.dir /nonexistent/data: no index.json on node2; prepare it first"),
+        (["--nproc-per-node", "1", "--nnodes", "2"], {"SLURMD_NODENAME": "node2", "SLURM_JOB_ID": "77"},
+         "sees the marks of ['node2'] only, not of all 2 nodes: the run dir must be on storage every node shares"),
+    ]
+    for args, extra, message in cases:
+        proc = node_launcher(*base, *args, extra_env=extra)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert proc.stderr.strip().splitlines()[-1] == f"megalm preflight: error: {proc.stderr.split('error: ')[-1].strip()}"
+        assert message in proc.stderr, (message, proc.stderr[-2000:])
+    # the other node's mark is there, but nothing listens at the rendezvous
+    marks = tmp_path / "run" / "slurm" / "preflight-78"
+    marks.mkdir(parents=True)
+    (marks / "node1").write_text("node1")
+    proc = node_launcher(*base, "--nproc-per-node", "1", "--nnodes", "2", "--rdzv", "127.0.0.1:9",
+                         extra_env={"SLURMD_NODENAME": "node2", "SLURM_JOB_ID": "78", "SLURM_NODEID": "1"})
+    assert proc.returncode == 2 and "node2 cannot reach the rendezvous at 127.0.0.1:9" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_submit_writes_the_job_for_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "megalm.cli", "slurm", "submit", CONFIG, f"train.run_dir={run_dir}", "--nodes", "4",
+            "--gpus-per-node", "8", "--time", "24:00:00", "--partition", "gpu", "--container-image", "nvcr.io#me/megalm",
+            "--dry-run", "train.steps=5000", "data.streams=32", "train.micro_batch_size=1"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = (run_dir / "slurm" / "job.sbatch").read_text()
+    for line in ["#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --time=24:00:00", "#SBATCH --partition=gpu",
+                 "#SBATCH --signal=B:USR1@180", "#SBATCH --requeue", f"#SBATCH --output={run_dir}/slurm/%x-%j.out",
+                 "export MEGALM_GPUS_PER_NODE=8", "--container-image=nvcr.io#me/megalm",
+                 f"set -- {(REPO / CONFIG).resolve()} train.run_dir={run_dir} train.steps=5000 data.streams=32"]:
+        assert line in job, line
+    assert job.endswith((REPO / "megalm/cluster/job.sh").read_text())
+    # a signal lead as long as the time limit would stop the job as it starts
+    bad = subprocess.run([*args, "--time", "2"], cwd=REPO, capture_output=True, text=True, env=env())
+    assert bad.returncode == 2 and "slurm.signal_lead_s: 180 s is not shorter than the time limit 2 (120 s)" in bad.stderr
