@@ -81,9 +81,13 @@ def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_arg
     args = [CONFIG, *TINY, *data_args, *LONG, f"train.run_dir={run_dir}", "slurm.signal_lead_s=40"]
     started = time.monotonic()
     job = submit(slurm, *args, "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--time", "1")
-    # the time limit's signal comes 20-50 s in: every rank saves, the job requeues, resumes, goes on
+    # the time limit's signal comes 20-50 s in (Slurm checks every 30 s): every rank saves, the job
+    # requeues itself. The requeued job gets a longer limit (this Slurm signals a requeued
+    # one-minute job again within seconds), resumes, and goes on until it is cancelled.
+    wait_until(lambda: "requeueing to resume" in job_log(run_dir), 150, "the time limit to requeue the job")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=slurm, check=True)
     wait_until(lambda: "(restart 1)" in job_log(run_dir) and "resume: from" in job_log(run_dir).split("(restart 1)")[1],
-               150, "the requeued job to resume")
+               120, "the requeued job to resume")
     resumed = int(re.search(r"resume: from \S+step_(\d+)", job_log(run_dir)).group(1))
     wait_until(lambda: len(steps_logged(run_dir)) >= resumed + 10, 60, "steps after the resume")
     subprocess.run(["scancel", job], env=slurm, check=True)  # TERM: every rank saves, no requeue

@@ -6,8 +6,7 @@
 Slurm's srun starts one of these per node (slurm/); ``launch/train.sh`` runs one for a single node.
 torchrun does not pass SIGUSR1 (the time limit is near, or the job is preempted) to its workers,
 and dies of it: so torchrun is started ignoring it, and this launcher forwards SIGUSR1 and SIGTERM
-to the workers themselves, every few seconds until they stop (a worker still importing has not
-yet installed the handler that makes it save and stop).
+to the workers themselves (see ``Forwarder``).
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ import time
 from pathlib import Path
 
 import psutil
-
-RESEND_S = 5.0
 
 
 def parse(argv):
@@ -49,12 +46,14 @@ def torchrun_command(args, cfg) -> list[str]:
 
 
 class Forwarder:
-    """Passes stop signals on to torchrun's workers, and keeps passing them until they exit. It is
-    installed first thing, so a signal that comes while the node is still starting is kept."""
+    """Passes stop signals on to torchrun's workers. It is installed first thing, so a signal that
+    comes while the node is still starting is kept; each worker gets it once, as soon as it has a
+    handler for it (Linux tells: /proc/PID/status, SigCgt): before that (still importing) it would
+    be ignored, and after (exiting, handlers gone) it would kill a worker that already stopped."""
 
     def __init__(self):
         self.pending: set[int] = set()
-        self.last = 0.0
+        self.sent: set[tuple[int, int]] = set()  # (worker pid, signal)
         for signum in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(signum, self.handle)
 
@@ -62,22 +61,32 @@ class Forwarder:
         print(f"megalm node: got {signal.Signals(signum).name}; passing it to the training processes",
               file=sys.stderr, flush=True)
         self.pending.add(signum)
-        self.last = 0.0
 
     def forward(self, torchrun: subprocess.Popen) -> None:
-        if not self.pending or time.monotonic() - self.last < RESEND_S:
+        if not self.pending:
             return
-        self.last = time.monotonic()
         try:
             workers = psutil.Process(torchrun.pid).children()
         except psutil.Error:
             return
         for worker in workers:
             for signum in self.pending:
-                try:
-                    worker.send_signal(signum)
-                except psutil.Error:
-                    pass
+                if (worker.pid, signum) not in self.sent and catches(worker.pid, signum):
+                    try:
+                        worker.send_signal(signum)
+                        self.sent.add((worker.pid, signum))
+                    except psutil.Error:
+                        pass
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum``."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signum - 1) & 1)
 
 
 def main(argv: list[str] | None = None) -> int:
