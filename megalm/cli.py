@@ -135,9 +135,9 @@ def cmd_bench(args) -> int:
         from megalm_kernels import bench
 
         return bench.main(args.rest)
-    from megalm.bench import ckpt
+    from megalm.bench import ckpt, data
 
-    return ckpt.main(args.rest)
+    return {"ckpt": ckpt, "data": data}[args.what].main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(func=cmd_train)
 
-    sp = sub.add_parser("prepare", help="train/load a tokenizer and write webdataset shards")
+    sp = sub.add_parser("prepare", help="clean and tokenize data.source (text, jsonl, parquet, a saved HF dataset) "
+                                        "into webdataset shards; an interrupted run resumes when run again")
     with_config(sp, required=False)
     sp.add_argument("--force", action="store_true", help="replace an existing prepared directory")
     sp.set_defaults(func=cmd_prepare)
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_slurm)
 
     sp = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
-    sp.add_argument("what", choices=["kernels", "ckpt"])
+    sp.add_argument("what", choices=["kernels", "ckpt", "data"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
     sp.set_defaults(func=cmd_bench)
     return p

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+log = logging.getLogger("megalm")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped runs; presets in model/
 
@@ -88,15 +91,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    dir: str = field("", "a prepared data directory (local path, http(s):// URL, or pipe:COMMAND with {} for each file)")
+    weight: float = field(1.0, "share of every global batch taken from this source (weights are normalized)")
+    shards: str = field("", "where this source's shards are read from when not beside index.json (see data.shards)")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = field("python-stdlib", "text to prepare: python-stdlib, a directory, or a glob of text files")
-    dir: str = field("data/python-stdlib", "where prepared shards, index.json and tokenizer.json live")
+    source: str = field("python-stdlib", "text to prepare: python-stdlib, a directory, a glob or file of text, "
+                                         ".jsonl(.gz/.zst), parquet, or a Hugging Face dataset saved to disk")
+    dir: str = field("data/python-stdlib", "the prepared directory: shards, index.json, tokenizer.json (local path, "
+                                           "http(s):// URL, or pipe:COMMAND where {} stands for each file name)")
+    shards: str = field("", "where the shards are read from when not beside index.json: a URL prefix, or a brace "
+                            "pattern naming them in index order (e.g. https://host/d/train-{000000..000099}.tar)")
+    mix: list[MixSource] = field([], "several prepared directories mixed by weight; replaces data.dir when given")
     tokenizer: str = field("", "an existing tokenizer.json to use instead of training one")
     vocab_size: int = field(8192, "vocabulary size of a newly trained byte-level BPE tokenizer")
+    text_field: str = field("text", "prepare: the field holding the text in .jsonl, parquet and HF datasets")
+    normalize: Literal["NFC", "NFKC", "none"] = field("NFC", "prepare: Unicode normalization of every document")
+    min_chars: int = field(1, "prepare: documents shorter than this (after cleaning) are dropped and counted")
+    dedup: bool = field(True, "prepare: drop exact duplicate documents (by content hash) and count them")
+    prepare_workers: int = field(0, "prepare: tokenizer worker processes (0: one per CPU core)")
     val_fraction: float = field(0.02, "fraction of documents held out for validation")
     shard_tokens: int = field(1_000_000, "target tokens per training shard")
-    streams: int = field(8, "independent data streams; global batch and DP size must divide into them")
     seq_len: int = field(256, "tokens per training sequence")
+    shuffle_tokens: int = field(65536, "per-lane shuffle buffer of documents, in tokens (bounds loader memory)")
+    on_bad_shard: Literal["error", "skip"] = field(
+        "error", "a missing, corrupt or mismatched shard stops training (error) or is skipped, logged and counted")
+    cache_dir: str = field("", "where remote (http, pipe:) shards are spooled while read; empty: the system temp dir")
     num_workers: int = field(0, "data loader worker processes per rank")
     eval_sequences: int = field(64, "validation sequences scored at each evaluation")
     seed: int = field(1234, "seed of the document split and shuffling")
@@ -125,8 +148,10 @@ class WandbConfig:
 class TrainConfig:
     run_dir: str = field("runs/quickstart", "everything the run writes goes here")
     steps: int = field(200, "optimizer steps to train")
-    micro_batch_size: int = field(8, "sequences per rank per forward pass")
-    grad_accum: int = field(1, "micro-batches accumulated per optimizer step")
+    global_batch: int = field(64, "sequences per optimizer step over all ranks; it alone decides the data order "
+                                  "and the learning curve, whatever the GPU count")
+    micro_batch_size: int = field(8, "sequences per rank per forward pass; gradient accumulation makes up the rest "
+                                     "of the global batch")
     lr: float = field(1e-3, "peak learning rate")
     min_lr: float = field(1e-4, "learning rate at the end of decay")
     warmup_steps: int = field(20, "linear warmup steps")
@@ -295,6 +320,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{path}: unsupported field type {tp}")  # the schema uses none
     if tp is bool:
@@ -329,9 +359,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
     positive = {
         "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
-        "data.seq_len": d.seq_len, "data.streams": d.streams, "data.shard_tokens": d.shard_tokens,
+        "data.seq_len": d.seq_len, "data.shard_tokens": d.shard_tokens, "data.shuffle_tokens": d.shuffle_tokens,
         "data.vocab_size": d.vocab_size, "train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size,
-        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every, "train.eval_every": t.eval_every,
+        "train.global_batch": t.global_batch, "train.log_every": t.log_every, "train.eval_every": t.eval_every,
         "train.keep_checkpoints": t.keep_checkpoints, "data.eval_sequences": d.eval_sequences,
         "train.collective_timeout_s": t.collective_timeout_s, "slurm.signal_lead_s": cfg.slurm.signal_lead_s,
         "slurm.rdzv_wait_s": cfg.slurm.rdzv_wait_s,
@@ -343,7 +373,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                     "model.max_seq_len": m.max_seq_len, "train.warmup_steps": t.warmup_steps,
                     "train.save_every": t.save_every, "train.keep_every": t.keep_every, "train.stop_at": t.stop_at,
                     "train.watchdog_timeout_s": t.watchdog_timeout_s, "slurm.max_requeues": cfg.slurm.max_requeues,
-                    "data.num_workers": d.num_workers, "parallel.dp": p.dp}
+                    "data.num_workers": d.num_workers, "data.min_chars": d.min_chars,
+                    "data.prepare_workers": d.prepare_workers, "parallel.dp": p.dp}
     for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -362,6 +393,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if not 0.0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
+    for i, source in enumerate(d.mix):
+        if not source.dir:
+            raise ConfigError(f"data.mix[{i}].dir: a prepared data directory is required")
+        if source.weight <= 0:
+            raise ConfigError(f"data.mix[{i}].weight: must be positive, got {source.weight}")
     if d.vocab_size < 257:
         raise ConfigError(f"data.vocab_size: a byte-level BPE needs at least 257 entries, got {d.vocab_size}")
     if t.zero_stage not in (0, 1, 2, 3):
@@ -415,7 +451,7 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:
-    """The parallel layout against the number of processes, and the batch against the streams."""
+    """The parallel layout against the number of processes; how the global batch splits over it."""
     p = cfg.parallel
     if world_size % (p.tp * p.pp):
         raise ConfigError(f"parallel: tp={p.tp} x pp={p.pp} does not divide the {world_size} processes started")
@@ -425,13 +461,36 @@ def validate_layout(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"parallel.dp: tp={p.tp} x pp={p.pp} x dp={dp} needs {need} processes, but {world_size} were started; "
             f"start {need} (torchrun --nproc_per_node={need}) or leave parallel.dp=0")
-    streams, workers = cfg.data.streams, max(1, cfg.data.num_workers)
-    if streams % (dp * workers):
-        raise ConfigError(
-            f"data.streams: {streams} streams cannot be split evenly over dp={dp} ranks x {workers} loader "
-            f"workers; use a multiple of {dp * workers}")
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * dp
-    if global_batch % streams:
-        raise ConfigError(
-            f"train.micro_batch_size: the global batch micro_batch_size*grad_accum*dp = {global_batch} "
-            f"sequences must be a multiple of data.streams={streams} (each stream feeds an equal share)")
+    batch = batch_layout(cfg, dp)
+    if batch.padding:
+        log.warning("train.global_batch: %d sequences over %d data-parallel ranks x %d micro-batches of %d leave %d "
+                    "padding sequences per step (%.0f%% of the compute); a global batch that is a multiple of "
+                    "%d avoids it", batch.global_batch, dp, batch.grad_accum, batch.micro_batch_size, batch.padding,
+                    100 * batch.padding / (batch.global_batch + batch.padding), dp * batch.micro_batch_size)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch of ``global_batch`` sequences is laid out over ``dp`` ranks, as in Megatron-LM:
+    each rank runs ``grad_accum`` micro-batches of ``micro_batch_size``. When dp does not divide the
+    global batch, some ranks take one sequence fewer and fill the gap with padding that carries no loss.
+    """
+
+    global_batch: int
+    dp: int
+    micro_batch_size: int
+    grad_accum: int
+
+    @property
+    def padding(self) -> int:
+        return self.dp * self.micro_batch_size * self.grad_accum - self.global_batch
+
+    def rows(self, dp_rank: int) -> range:
+        """The rows of the global batch (its lanes) that data-parallel rank ``dp_rank`` takes."""
+        return range(dp_rank * self.global_batch // self.dp, (dp_rank + 1) * self.global_batch // self.dp)
+
+
+def batch_layout(cfg: Config, dp: int) -> BatchLayout:
+    per_rank = -(-cfg.train.global_batch // dp)
+    micro = min(cfg.train.micro_batch_size, per_rank)
+    return BatchLayout(cfg.train.global_batch, dp, micro, -(-per_rank // micro))

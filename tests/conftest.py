@@ -9,7 +9,7 @@ from tests.helpers import CONFIG, TINY, make_corpus, run_megalm
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """A small real corpus, prepared once: 24 standard-library modules, vocab 512, 4 streams."""
+    """A small real corpus, prepared once: 24 standard-library modules, vocab 512."""
     root = tmp_path_factory.mktemp("train")
     corpus = make_corpus(root / "corpus")
     out = root / "prepared"

@@ -28,7 +28,7 @@ CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py", "bisect.
 # Small everything: the suite must stay fast on 2 cores.
 TINY = [
     "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "data.seq_len=32", "data.vocab_size=512",
-    "data.shard_tokens=4000", "data.streams=4", "data.eval_sequences=16", "train.micro_batch_size=4",
+    "data.shard_tokens=4000", "data.eval_sequences=16", "train.global_batch=4", "train.micro_batch_size=4",
     "train.steps=5", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=5", "train.progress=false",
     "train.wandb.mode=disabled", "train.lr=3e-3",
 ]

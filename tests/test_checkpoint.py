@@ -236,15 +236,16 @@ def test_continue_pretraining_an_imported_model_with_tensor_parallelism(data_dir
     assert "reassembled for tp=2" in log and "holds no train state; it starts fresh" in log
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2, 3]
     # the first step's loss is the imported model's on the first batch (not a fresh init's)
+    from megalm.config import BatchLayout, DataConfig
+    from megalm.data.dataset import open_sources
     from megalm.data.loader import TrainLoader
-    from megalm.data.prepare import read_manifest
     from megalm.generate import load_model
 
-    loader = TrainLoader(data_dir, read_manifest(data_dir), seq_len=32, streams=4, dp_rank=0, dp_size=1,
-                         dp_group=None, micro_batch_size=4, grad_accum=1, num_workers=0, seed=1234)
+    loader = TrainLoader(open_sources(DataConfig(dir=str(data_dir), seq_len=32), 4), BatchLayout(4, 1, 4, 1), 0,
+                         num_workers=0)
     model, _ = load_model(imported)
     with torch.no_grad():
-        expected = torch.stack([model(b[:, :-1], b[:, 1:]) for b in next(loader)]).mean().item()
+        expected = torch.stack([model(x, y) for x, y in next(loader).micro_batches]).mean().item()
     assert train_losses(run_dir)[0] == pytest.approx(expected, rel=1e-5)
 
 

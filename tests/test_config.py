@@ -2,7 +2,7 @@
 
 import pytest
 
-from megalm.config import ConfigError, load_config, validate
+from megalm.config import ConfigError, batch_layout, load_config, validate
 from megalm.cli import main
 from tests.helpers import CONFIG, REPO, TINY, run_megalm
 
@@ -40,9 +40,11 @@ def test_layout_needs_processes_and_divisible_batch():
     cfg = load_config(REPO / "configs/quickstart.yaml", ["parallel.dp=4"])
     with pytest.raises(ConfigError, match="parallel.dp: tp=1 x pp=1 x dp=4 needs 4 processes, but 1 were started"):
         validate(cfg, world_size=1)
-    cfg = load_config(REPO / "configs/quickstart.yaml", ["train.micro_batch_size=3"])
-    with pytest.raises(ConfigError, match="must be a multiple of data.streams=8"):
-        validate(cfg, world_size=1)
+    # any data-parallel size takes the global batch: accumulation follows, padding only where dp does not divide it
+    cfg = load_config(REPO / "configs/quickstart.yaml", ["train.global_batch=48", "train.micro_batch_size=4"])
+    assert [(b.micro_batch_size, b.grad_accum, b.padding) for b in (batch_layout(cfg, dp) for dp in (1, 6, 7, 64))] \
+        == [(4, 12, 0), (4, 2, 0), (4, 2, 8), (1, 1, 16)]
+    assert [len(batch_layout(cfg, 7).rows(r)) for r in range(7)] == [6, 7, 7, 7, 7, 7, 7]
 
 
 def test_cli_exit_code_2_and_one_line(capsys, tmp_path):

@@ -1,175 +1,256 @@
-"""Data: prepare (tokenizer, shards, manifest), streaming that is the same for any DP size and
-resumes exactly, and clear errors for bad input."""
+"""The training data stream: the global batch alone decides the data order (any data-parallel size,
+any number of loader workers), exact resume across a change of data-parallel size with every token
+seen once, weighted mixing, http and pipe: sources, and bad shards named or skipped.
 
+Shards are built here so that every token names its document: document d is d repeated, so
+counting token values counts how often each document's tokens were trained on.
+"""
+
+import functools
+import io
 import json
+import http.server
 import shutil
+import threading
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
+import xxhash
 
-from megalm.config import DataConfig
+from megalm.config import BatchLayout, DataConfig, MixSource
+from megalm.data.dataset import apportion, open_sources
 from megalm.data.loader import TrainLoader, validation_sequences
-from megalm.data.manifest import DataManifest
-from megalm.data.prepare import prepare
+from megalm.data.manifest import DataManifest, PrepareSettings, ShardEntry
 from megalm.data.sources import DataError
-from megalm.data.tokenizer import load_tokenizer
-from tests.helpers import make_corpus, run_megalm
+from megalm.parallel.tensor_parallel import IGNORE
+from tests.helpers import CONFIG, TINY, run_megalm
+
+SEQ = 16
+EOT = 0
+
+
+def write_dataset(root, first_doc, shard_docs, tokenizer_hash="t" * 64):
+    """Shards of documents ``first_doc, first_doc+1, …``; doc d is [d] * len, lengths uneven."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(first_doc)
+    entries, doc = [], first_doc
+    for i, n in enumerate(shard_docs + [6]):  # the last shard is the validation split
+        name = f"{'val' if i == len(shard_docs) else 'train'}-{i:06d}.tar"
+        samples, tokens = 0, 0
+        with wds.TarWriter(str(root / name)) as tar:
+            for _ in range(n):
+                length = int(rng.integers(3, 40))
+                tar.write({"__key__": f"{doc:09d}", "tokens.npy": np.full(length, doc, np.uint16)})
+                samples, tokens, doc = samples + 1, tokens + length, doc + 1
+        data = (root / name).read_bytes()
+        entries.append(ShardEntry(name, samples, tokens, len(data), xxhash.xxh3_64_hexdigest(data)))
+    settings = PrepareSettings("test", "", 0, 0.1, 0, 0, "text", "none", 1, False)
+    DataManifest(settings=settings, source="test", tokenizer="tokenizer.json", tokenizer_hash=tokenizer_hash,
+                 vocab_size=65000, eot_id=EOT, dtype="uint16", documents=doc - first_doc, skipped=[],
+                 train=entries[:-1], val=entries[-1:], train_tokens=sum(e.tokens for e in entries[:-1]),
+                 val_tokens=entries[-1].tokens, unigram_entropy_nats=0.0, prepare_seconds=0.0).write(root)
+    return root
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = DataConfig(source=str(make_corpus(root / "corpus")), dir=str(root / "prepared"), vocab_size=512,
-                     shard_tokens=4000, streams=4, val_fraction=0.1)
-    return cfg, prepare(cfg)
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streams")
+    return write_dataset(root / "a", 1, [17, 5, 30, 11, 9, 23, 2, 14]), write_dataset(root / "b", 1000, [12, 8, 20])
 
 
-def loader(cfg, index, rank=0, dp=1, mbs=8, accum=1, workers=0, state=None, seq_len=32):
-    it = TrainLoader(cfg.dir, index, seq_len=seq_len, streams=cfg.streams, dp_rank=rank, dp_size=dp, dp_group=None,
-                     micro_batch_size=mbs, grad_accum=accum, num_workers=workers, seed=3)
-    if state is not None:
-        it.load_state_dict(state)
-    return it
+def data_cfg(data_dir, **kw):
+    return DataConfig(dir=str(data_dir), seq_len=SEQ, shuffle_tokens=64, seed=7, **kw)
 
 
-def test_prepare_writes_tokenizer_shards_and_manifest(prepared):
-    cfg, index = prepared
-    files = sorted(p.name for p in __import__("pathlib").Path(cfg.dir).iterdir())
-    assert "index.json" in files and "tokenizer.json" in files
-    assert len(index.train) >= cfg.streams and len(index.val) >= 1
-    assert index.documents == 24 and index.skipped == []
-    tok = load_tokenizer(f"{cfg.dir}/tokenizer.json")
-    assert tok.get_vocab_size() == 512 == index.vocab_size
-    assert tok.decode(tok.encode("def f(x):\n    return x").ids) == "def f(x):\n    return x"
-    assert sum(s.tokens for s in index.train) == index.train_tokens - sum(s.samples for s in index.train)
-    assert 0 < index.unigram_entropy_nats < np.log(512)
-    assert DataManifest.read(cfg.dir) == index  # the record reads back to what was written
-    # the same settings again reuse the directory; different settings are refused
-    assert prepare(cfg) == index
-    with pytest.raises(DataError, match="already holds data prepared with other settings"):
-        prepare(DataConfig(**{**cfg.__dict__, "vocab_size": 600}))
+def loaders(cfg, batch, dp, micro=2, workers=0, state=None):
+    sources = open_sources(cfg, batch)
+    out = []
+    for r in range(dp):
+        per_rank = -(-batch // dp)
+        mb = min(micro, per_rank)
+        it = TrainLoader(sources, BatchLayout(batch, dp, mb, -(-per_rank // mb)), r, num_workers=workers,
+                         on_bad_shard=cfg.on_bad_shard)
+        if state is not None:
+            it.load_state_dict(state)
+        out.append(it)
+    return out
 
 
-def test_every_token_of_a_stream_arrives_once_in_order(prepared):
-    cfg, index = prepared
-    it = loader(cfg, index, mbs=4)  # 4 streams, 1 sequence each per step
-    seqs = torch.cat([torch.cat(next(it)) for _ in range(40)])
-    stream0 = seqs[0::4].flatten().numpy()
-    # rebuild stream 0's token sequence straight from the shards it owns
-    first = it._streams[0]
-    expected = np.concatenate([d for slot in range(len(first.shards)) for d in first._documents(0, slot)])
-    n = min(len(stream0), len(expected))
-    assert n > 500
-    np.testing.assert_array_equal(stream0[:n], expected[:n])
+def global_batches(its, steps):
+    """The global batch of each step: all ranks' real rows, in rank order."""
+    out = []
+    for _ in range(steps):
+        parts = [next(it) for it in its]
+        for p in parts:  # what the trainer feeds the model: inputs and labels of every micro-batch
+            x = torch.cat([mb[0] for mb in p.micro_batches])[:len(p.sequences)]
+            torch.testing.assert_close(x, p.sequences[:, :-1])
+        out.append(torch.cat([p.sequences for p in parts]))
+    return out
 
 
-def test_global_batch_is_the_same_for_any_dp_size_and_workers(prepared):
-    cfg, index = prepared
-    single = loader(cfg, index, mbs=8)
-    ranks = [loader(cfg, index, rank=r, dp=2, mbs=2, accum=2, workers=2 if r else 0) for r in range(2)]
-    for _ in range(6):
-        whole = torch.cat(next(single))
-        parts = [torch.cat(next(r)) for r in ranks]
-        # rank r owns streams r, r+2: rows of the one-process batch in stream order
-        per_stream = whole.view(4, 2, -1)
-        torch.testing.assert_close(parts[0], per_stream[[0, 2]].flatten(0, 1))
-        torch.testing.assert_close(parts[1], per_stream[[1, 3]].flatten(0, 1))
+def test_any_dp_and_workers_give_the_same_global_batches(corpus):
+    cfg = data_cfg(corpus[0])
+    reference = global_batches(loaders(cfg, 6, 1), 12)
+    for dp, workers in [(2, 0), (3, 2), (4, 1), (6, 0)]:  # 4 ranks of a batch of 6: two take a padding row
+        its = loaders(cfg, 6, dp, workers=workers)
+        got = global_batches(its, 12)
+        assert [len(b) for b in got] == [6] * 12
+        for a, b in zip(reference, got):
+            torch.testing.assert_close(a, b)
+        steps = {it.state_dict()["step"] for it in its}
+        assert steps == {12}  # equal batch counts on every rank, however uneven the shards
 
 
-def test_resume_is_exact_even_on_another_dp_size(prepared):
-    cfg, index = prepared
-    ref = loader(cfg, index, mbs=8, seq_len=512)
-    reference = [torch.cat(next(ref)) for _ in range(60)]  # runs into a second epoch of every stream
-    first = [loader(cfg, index, rank=r, dp=2, mbs=4, seq_len=512) for r in range(2)]
-    for _ in range(12):
-        for r in first:
-            next(r)
-    positions = {k: v for r in first for k, v in r.local_positions().items()}  # what state_dict gathers
-    state = json.loads(json.dumps({"streams": cfg.streams, "positions": positions}))  # as in a checkpoint
-    resumed = loader(cfg, index, mbs=8, state=state, seq_len=512)
-    for step in range(12, 60):
-        torch.testing.assert_close(torch.cat(next(resumed)), reference[step])
-    assert all(p.epoch > 0 for p in ref.positions.values())
+def test_padding_rows_carry_no_loss(corpus):
+    its = loaders(data_cfg(corpus[0]), 6, 4, micro=2)
+    step = next(its[3])  # rank 3 of 4 takes rows 4..5 of 6, rank 0 rows 0..0 plus one padding row
+    first = next(its[0])
+    assert len(first.sequences) == 1 and len(first.micro_batches) == 1
+    assert (first.micro_batches[0][1][1] == IGNORE).all() and first.loss_tokens == SEQ
+    assert step.loss_tokens == 2 * SEQ
 
 
-def test_validation_sequences_are_fixed(prepared):
-    cfg, index = prepared
-    a = validation_sequences(cfg.dir, index, 32, 8)
-    assert a.shape == (8, 33)
-    torch.testing.assert_close(a, validation_sequences(cfg.dir, index, 32, 8))
+def test_one_epoch_uses_every_token_once_across_dp_changes(corpus):
+    """Resume mid-epoch on another data-parallel size: 2 -> 3, 4 -> 1, 1 -> 4; every document's
+    tokens arrive exactly once over the epoch, and the batches equal an uninterrupted run's."""
+    cfg = data_cfg(corpus[0])
+    batch = 12
+    (source,) = open_sources(cfg, batch)
+    epoch = source.steps_per_epoch
+    assert epoch >= 4
+    reference = torch.cat(global_batches(loaders(cfg, batch, 1), epoch))
+    for before, after in [(2, 3), (4, 1), (1, 4)]:
+        its = loaders(cfg, batch, before, workers=1 if before == 2 else 0)
+        first = global_batches(its, epoch // 2)
+        state = its[0].state_dict()
+        assert all(it.state_dict() == state for it in its)
+        rest = global_batches(loaders(cfg, batch, after, state=state), epoch - epoch // 2)
+        torch.testing.assert_close(torch.cat(first + rest), reference)
+    seen = np.bincount(reference.flatten().numpy(), minlength=2000)
+    lengths = {}
+    for shard in source.manifest.train:
+        for sample in wds.WebDataset(str(corpus[0] / shard.name), shardshuffle=False, empty_check=False):
+            doc = np.load(__import__("io").BytesIO(sample["tokens.npy"]))
+            lengths[int(doc[0])] = len(doc)
+    used = batch * epoch * (SEQ + 1)
+    assert reference.numel() == used
+    assert all(seen[d] <= n for d, n in lengths.items())  # nothing twice
+    assert sum(seen[d] for d in lengths) + seen[EOT] == used  # only documents' tokens and their separators
+    assert sum(lengths.values()) + len(lengths) - used < batch * (SEQ + 1)  # only the epoch's short tail unused
 
 
-def test_corrupt_or_truncated_shard_is_named(prepared, tmp_path):
-    cfg, index = prepared
+def test_mixing_by_weight_is_exact_per_step(corpus):
+    a, b = corpus
+    cfg = DataConfig(mix=[MixSource(str(a), 0.75), MixSource(str(b), 0.25)], seq_len=SEQ, shuffle_tokens=64, seed=7)
+    its = loaders(cfg, 8, 2)
+    totals = np.zeros(2)
+    for batch in global_batches(its, 10):
+        from_b = (batch >= 1000).any(dim=1).sum().item()
+        assert from_b == 2  # rows 6, 7 of every global batch are source b's lanes
+    for it in its:
+        totals += next(it).tokens_by_source
+    assert totals.tolist() == [6 * SEQ, 2 * SEQ]
+    for weights, total in [([0.7, 0.3], 16), ([1, 1, 1], 10), ([0.5, 0.3, 0.2], 7)]:
+        shares = apportion(weights, total)
+        assert sum(shares) == total
+        assert all(abs(s / total - w / sum(weights)) < 1 / total for s, w in zip(shares, weights))
+    other = write_dataset(a.parent / "other-tokenizer", 5000, [10, 10], tokenizer_hash="u" * 64)
+    with pytest.raises(DataError, match=r"data.mix\[1\]: .*other-tokenizer was prepared with another tokenizer"):
+        open_sources(DataConfig(mix=[MixSource(str(a)), MixSource(str(other))], seq_len=SEQ), 8)
+
+
+def test_http_and_pipe_sources_equal_local(corpus, tmp_path):
+    cfg = data_cfg(corpus[0])
+    reference = global_batches(loaders(cfg, 4, 1), 6)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(corpus[0]))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        for where in [dict(dir=url), dict(dir=f"pipe:cat {corpus[0]}/{{}}"),
+                      dict(dir=str(corpus[0]), shards=f"{url}train-{{000000..000007}}.tar")]:
+            remote = data_cfg(where.pop("dir"), cache_dir=str(tmp_path / "cache"), **where)
+            got = global_batches(loaders(remote, 4, 2, workers=1), 6)
+            for x, y in zip(reference, got):
+                torch.testing.assert_close(x, y)
+            torch.testing.assert_close(validation_sequences(open_sources(remote, 4), 4, tmp_path),
+                                       validation_sequences(open_sources(cfg, 4), 4, tmp_path))
+        with pytest.raises(DataError, match=r"unreachable|missing"):
+            global_batches(loaders(data_cfg(url, shards=f"{url}nowhere/"), 4, 1), 1)
+    finally:
+        server.shutdown()
+
+
+def damage(root, name, how):
+    path = root / name
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:  # one flipped byte: a valid tar of the right size that is not the one prepared
+        data = bytearray(path.read_bytes())
+        data[700] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how,problem", [("missing", "missing"), ("truncated", "holds 1000 bytes"),
+                                         ("corrupt", "checksum .* differs")])
+def test_bad_shard_is_named_or_skipped_as_a_hole(corpus, tmp_path, how, problem):
     copy = tmp_path / "copy"
-    shutil.copytree(cfg.dir, copy)
-    shard = copy / index.train[0].name
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-    it = loader(DataConfig(**{**cfg.__dict__, "dir": str(copy)}), index, mbs=4, seq_len=512)
-    with pytest.raises(DataError, match=f"shard {shard}: unreadable"):
-        for _ in range(100):  # more than an epoch of stream 0
-            next(it)
+    shutil.copytree(corpus[0], copy)
+    (source,) = open_sources(data_cfg(copy), 4)
+    bad = source.manifest.train[3]
+    damage(copy, bad.name, how)
+    steps = source.steps_per_epoch
+    with pytest.raises(DataError, match=f"shard {copy / bad.name}: {problem}.*data.on_bad_shard=skip"):
+        global_batches(loaders(data_cfg(copy), 4, 2), steps)
+
+    reference = global_batches(loaders(data_cfg(corpus[0]), 4, 1), steps)
+    its = loaders(data_cfg(copy, on_bad_shard="skip"), 4, 2, workers=1)
+    reports, counted = [], 0
+    for ref in reference:
+        parts = [next(it) for it in its]
+        got = torch.cat([p.sequences for p in parts])
+        reports += [u for p in parts for u in p.bad_shards]
+        counted += sum(p.loss_tokens for p in parts)
+        # the bad shard's documents become a hole of end-of-text tokens; everything else is unmoved
+        docs_of_bad = range(1 + sum(s.samples for s in source.manifest.train[:3]),
+                            1 + sum(s.samples for s in source.manifest.train[:4]))
+        hole = torch.isin(ref, torch.tensor(list(docs_of_bad)))
+        torch.testing.assert_close(got[~hole], ref[~hole])
+        assert (got[hole] == EOT).all()
+    assert reports == [str(copy / bad.name)]  # reported once, by the lane it starts in
+    assert counted < len(reference) * 4 * SEQ  # the hole's labels do not count
 
 
-def test_bad_sources_and_tokenizer(tmp_path):
-    with pytest.raises(DataError, match="is not python-stdlib, an existing directory"):
-        prepare(DataConfig(source=str(tmp_path / "missing"), dir=str(tmp_path / "out")))
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "blank.txt").write_text("   \n")
-    with pytest.raises(DataError, match="no non-empty UTF-8 text files"):
-        prepare(DataConfig(source=str(empty), dir=str(tmp_path / "out")))
-    bad = tmp_path / "tokenizer.json"
-    bad.write_text("{ not json")
-    with pytest.raises(DataError, match="not a valid HF tokenizers file"):
-        load_tokenizer(bad)
-    assert not (tmp_path / "out").exists()
+def test_resume_refuses_another_global_batch(corpus):
+    cfg = data_cfg(corpus[0])
+    (it,) = loaders(cfg, 4, 1)
+    next(it)
+    with pytest.raises(DataError, match="global_batch=4, this run has 8"):
+        loaders(cfg, 8, 1, state=it.state_dict())
 
 
-def test_prepare_cli_reports_errors_without_traceback(tmp_path):
-    proc = run_megalm("prepare", "--force", f"data.source={tmp_path}/nothing", f"data.dir={tmp_path}/out", check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("megalm: error: data.source:")
-    assert "Traceback" not in proc.stderr
+def test_validation_sequences_are_fixed_and_shared_by_weight(corpus, tmp_path):
+    a, b = corpus
+    cfg = DataConfig(mix=[MixSource(str(a), 0.75), MixSource(str(b), 0.25)], seq_len=8, seed=7)
+    val = validation_sequences(open_sources(cfg, 4), 4, tmp_path)
+    assert val.shape == (4, 9)
+    assert ((val >= 1000).any(dim=1)).sum() == 1  # one of four from b
+    torch.testing.assert_close(val, validation_sequences(open_sources(cfg, 4), 4, tmp_path))
 
 
-def test_sources_directory_glob_and_stdlib(tmp_path):
-    from megalm.data.sources import open_source
-
-    corpus = make_corpus(tmp_path / "corpus")
-    (corpus / "notes.txt").write_text("plain text counts too\n")
-    (corpus / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
-    directory = open_source(str(corpus))
-    assert len(directory.files) == 26
-    docs = dict(directory.documents())
-    assert "notes.txt" in docs and "latin1.py" not in docs
-    assert directory.skipped == ["latin1.py (not UTF-8)"]  # counted and named, never silently dropped
-    assert len(open_source(f"{corpus}/*.py").files) == 25
-    stdlib = open_source("python-stdlib")
-    assert len(stdlib.files) > 500 and all(p.suffix == ".py" for p in stdlib.files[:50])
-
-
-def test_prepare_with_a_given_tokenizer(prepared, tmp_path):
-    cfg, index = prepared
-    again = prepare(DataConfig(**{**cfg.__dict__, "dir": str(tmp_path / "again"),
-                                  "tokenizer": f"{cfg.dir}/tokenizer.json"}))
-    assert again.documents == index.documents and again.vocab_size == 512
-    assert again.train_tokens == index.train_tokens  # same tokenizer, same split, same tokens
-
-
-def test_manifest_versions_and_fields_are_checked(prepared, tmp_path):
-    cfg, index = prepared
-    copy = tmp_path / "copy"
-    shutil.copytree(cfg.dir, copy)
-    raw = json.loads((copy / "index.json").read_text())
-    cases = [
-        ({**raw, "version": 99}, r"version 99 is newer than this megalm reads \(2\); upgrade megalm"),
-        ({k: v for k, v in raw.items() if k != "version"}, "no version field"),
-        ({**raw, "train": [{"name": "x.tar", "samples": "many", "tokens": 1}]}, r"train\[0\].samples: expected int"),
-        ({**raw, "shards": []}, r"unknown fields \['shards'\]"),
-    ]
-    for bad, message in cases:
-        (copy / "index.json").write_text(json.dumps(bad))
-        with pytest.raises(DataError, match=f"{copy / 'index.json'}: .*{message}.*megalm prepare --force"):
-            DataManifest.read(copy)
+def test_bench_data_reports_loader_and_raw_read(data_dir, tmp_path):
+    out = tmp_path / "results"
+    run_megalm("bench", "data", CONFIG, *TINY, f"data.dir={data_dir}", "--workers", "0,1", "--tokens", "2e5",
+               "--train-steps", "4", "--out", str(out))
+    result = json.loads((out / "data.json").read_text())
+    rows = {r["what"]: r for r in result["rows"]}
+    assert rows["raw read of prepared's shards (page cache)"]["tokens_per_s"] > 0
+    assert rows["loader, 1 workers"]["per_worker"] == rows["loader, 1 workers"]["tokens_per_s"] > 0
+    wait = rows["training 4 steps: time waiting for data"]["fraction"]
+    assert 0 <= wait < 1
+    assert result["meta"]["global_batch"] == 4 and "| loader, 0 workers" in (out / "data.md").read_text()

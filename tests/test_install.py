@@ -67,13 +67,12 @@ def test_installed_wheel_prepares_and_trains_from_elsewhere(installed, tmp_path)
     assert "name: llama-tiny" in shown and "run_dir: runs/quickstart" in shown
 
     corpus = make_corpus(work / "corpus")
-    data = [f"data.source={corpus}", "data.dir=prepared", "data.vocab_size=300", "data.shard_tokens=4000",
-            "data.streams=4"]
+    data = [f"data.source={corpus}", "data.dir=prepared", "data.vocab_size=300", "data.shard_tokens=4000"]
     run(installed / "megalm", "prepare", *data, cwd=work)
     assert (work / "prepared/index.json").is_file()
 
     tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "data.seq_len=32",
-            "train.micro_batch_size=4", "train.steps=3", "train.warmup_steps=1", "train.log_every=1",
+            "train.global_batch=4", "train.micro_batch_size=4", "train.steps=3", "train.warmup_steps=1", "train.log_every=1",
             "train.eval_every=3", "data.eval_sequences=4", "train.progress=false", "train.wandb.mode=disabled"]
     log = run(installed / "megalm", "train", "quickstart", *data, *tiny, "train.run_dir=run", cwd=work)
     assert "done: 3 steps" in log

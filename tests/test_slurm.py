@@ -19,7 +19,8 @@ from megalm.cluster import requeue
 from tests.helpers import CONFIG, REPO, TINY, env, metrics, torchrun
 
 START, STOP = REPO / "slurm/testcluster/start.sh", REPO / "slurm/testcluster/stop.sh"
-LONG = ["train.steps=100000", "train.eval_every=100000", "train.log_every=1", "train.micro_batch_size=2"]
+LONG = ["train.steps=100000", "train.eval_every=100000", "train.log_every=1", "train.global_batch=4",
+        "train.micro_batch_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -198,14 +199,14 @@ def test_submit_writes_the_job_for_the_run(tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "megalm.cli", "slurm", "submit", CONFIG, f"train.run_dir={run_dir}", "--nodes", "4",
             "--gpus-per-node", "8", "--time", "24:00:00", "--partition", "gpu", "--container-image", "nvcr.io#me/megalm",
-            "--dry-run", "train.steps=5000", "data.streams=32", "train.micro_batch_size=1"]
+            "--dry-run", "train.steps=5000", "train.global_batch=32", "train.micro_batch_size=1"]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
     job = (run_dir / "slurm" / "job.sbatch").read_text()
     for line in ["#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --time=24:00:00", "#SBATCH --partition=gpu",
                  "#SBATCH --signal=B:USR1@180", "#SBATCH --requeue", f"#SBATCH --output={run_dir}/slurm/%x-%j.out",
                  "export MEGALM_GPUS_PER_NODE=8", "--container-image=nvcr.io#me/megalm",
-                 f"set -- {(REPO / CONFIG).resolve()} train.run_dir={run_dir} train.steps=5000 data.streams=32"]:
+                 f"set -- {(REPO / CONFIG).resolve()} train.run_dir={run_dir} train.steps=5000 train.global_batch=32"]:
         assert line in job, line
     assert job.endswith((REPO / "megalm/cluster/job.sh").read_text())
     # a signal lead as long as the time limit would stop the job as it starts

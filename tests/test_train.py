@@ -36,7 +36,10 @@ def test_loss_falls(data_dir, data_args, tmp_path):
     run_dir = tmp_path / "run"
     run_megalm("train", CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}", "train.steps=200",
                "train.warmup_steps=10", "train.eval_every=200", "train.log_every=10", "train.lr=5e-3",
-               "train.micro_batch_size=16", "data.seq_len=64", "model.d_model=96")
+               "train.global_batch=16", "train.micro_batch_size=16", "data.seq_len=64", "model.d_model=96",
+               # on this small corpus the final val loss moves by ~0.2 with the data order (4.93-5.21 for
+               # seeds 1, 2, 1234); the seed is fixed so the test measures the model, not the draw
+               "data.seed=1")
     losses = train_losses(run_dir)
     val = [r["val_loss"] for r in metrics(run_dir) if "val_loss" in r]
     entropy = read_manifest(data_dir).unigram_entropy_nats
@@ -44,13 +47,15 @@ def test_loss_falls(data_dir, data_args, tmp_path):
     assert val[-1] < entropy - 0.3, (val, entropy)  # it uses context, not just token frequencies
 
 
-def test_checkpoint_reloads_to_the_same_model(single_run, data_dir):
+def test_checkpoint_reloads_to_the_same_model(single_run, data_dir, tmp_path):
     model, ckpt = load_model(single_run)
     assert ckpt.name == "step_00000006"
     meta = catalog.verify(ckpt)
+    from megalm.config import DataConfig
+    from megalm.data.dataset import open_sources
     from megalm.data.loader import validation_sequences
 
-    val = validation_sequences(data_dir, read_manifest(data_dir), 32, 16)
+    val = validation_sequences(open_sources(DataConfig(dir=str(data_dir), seq_len=32), 4), 16, tmp_path)
     with torch.no_grad():
         loss = sum(model(b[:, :-1], b[:, 1:]).double() * len(b) for b in val.split(4)) / len(val)
     trained_val = [r["val_loss"] for r in metrics(single_run) if "val_loss" in r][-1]
@@ -84,11 +89,15 @@ def test_data_parallel_and_zero_stages_match_one_process(single_run, data_args, 
         assert param_rel < 1e-5 and param_worst < 1e-4, f"ZeRO {stage}: parameters ({param_rel}, {param_worst})"
 
 
-def test_training_refuses_data_prepared_differently(single_run, data_dir, tmp_path):
-    proc = run_megalm("train", CONFIG, *TINY, f"data.dir={data_dir}", "data.vocab_size=600",
-                      f"train.run_dir={tmp_path / 'run'}", check=False)
+def test_training_needs_only_the_prepared_dir(single_run, data_dir, tmp_path):
+    """Training takes a prepared directory as its manifest says it was made; `megalm prepare`
+    refuses to overwrite it with other settings."""
+    log = run_megalm("train", CONFIG, *TINY, f"data.dir={data_dir}", "data.vocab_size=600", "train.steps=2",
+                     "train.warmup_steps=1", "train.eval_every=2", f"train.run_dir={tmp_path / 'run'}").stderr
+    assert f"data: {data_dir} was prepared from directory" in log and "vocab 512" in log
+    proc = run_megalm("prepare", CONFIG, *TINY, f"data.dir={data_dir}", "data.vocab_size=600", check=False)
     assert proc.returncode == 1
-    assert "already holds data prepared with other settings (data.source=" in proc.stderr
+    assert "already holds data prepared with other settings" in proc.stderr
     assert "data.vocab_size=600 here, 512 there" in proc.stderr
 
 

@@ -83,7 +83,7 @@ def build(model: str, run_dir: Path):
     from megalm.train.engine import build_engine, build_model, resolve_model_config
 
     cfg = load_config("quickstart", [f"model={model}", "data.seq_len=64", "train.micro_batch_size=1",
-                                     "data.streams=1", f"train.run_dir={run_dir}", "train.keep_checkpoints=1"])
+                                     "train.global_batch=1", f"train.run_dir={run_dir}", "train.keep_checkpoints=1"])
     world = init_distributed(cfg.train.device)
     mesh = build_mesh(1, 1, 1, 0)
     cfg = resolve_model_config(cfg, cfg.data.vocab_size)

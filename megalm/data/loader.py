@@ -1,219 +1,319 @@
-"""Streaming training batches from webdataset shards, with a state that resumes exactly.
+"""Streaming training batches from webdataset shards: each rank reads its lanes of the global batch.
 
-The training shards are dealt to ``S = data.streams`` independent streams (shard i -> stream
-i mod S). Each stream walks its shards in a seeded order per epoch, shuffles the documents of
-each shard with a seeded permutation, joins documents with end-of-text and cuts the token stream
-into sequences of ``seq_len + 1`` tokens. A stream's position is four integers
-``(epoch, shard, doc, token)``: where its next sequence starts.
+``megalm.data.dataset`` fixes which sequence every lane yields at every step. Here a :class:`Lane`
+reads them: it opens the shards of its block of the epoch in order (checked against their size and
+checksum first), shuffles their documents through a bounded buffer and cuts the token stream into
+sequences. Data-parallel rank r takes the rows ``BatchLayout.rows(r)`` of the global batch; its
+loader workers split those lanes. The loader's state is the number of steps it handed out, so a
+checkpoint resumes on any number of ranks or workers with no sequence seen twice or skipped.
 
-Every optimizer step takes the same number of sequences from every stream, ``global_batch / S``.
-Data-parallel rank r owns streams r, r+dp, r+2dp, ... and its loader workers split those. So the
-set of sequences in a step does not depend on the number of ranks or workers: one process and
-N processes see the same global batch, and a checkpoint of all stream positions resumes on any
-data-parallel size that divides S.
+A shard that cannot be used (missing, unreachable, truncated, corrupt) stops training with its name
+(``data.on_bad_shard=error``), or with ``skip`` becomes a hole: its tokens' place in the epoch stays
+where it was, filled with positions that carry no loss, so every other sequence keeps its place and
+exactly-once holds for the rest. Memory per worker: its lanes' shuffle buffers (``data.shuffle_tokens``
+each) plus the document being cut; remote shards are spooled to local disk, not memory.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megalm.data.manifest import DataManifest, ShardEntry
+from megalm.config import BatchLayout
+from megalm.data.dataset import TrainSource, apportion
+from megalm.data.location import BadShard
+from megalm.data.manifest import ShardEntry
 from megalm.data.sources import DataError
+from megalm.parallel.tensor_parallel import IGNORE
 
 log = logging.getLogger("megalm.data")
 
 
-@dataclass(frozen=True)
-class StreamPosition:
-    """Where a stream's next sequence starts."""
-
-    epoch: int = 0
-    shard: int = 0  # index into this epoch's shard order
-    doc: int = 0  # index into the shard's shuffled documents
-    token: int = 0  # offset into that document (its tokens followed by end-of-text)
-
-
-def read_shard(path: Path, expected_samples: int) -> list[np.ndarray]:
-    """All documents of one tar shard; a corrupt or short shard is an error naming it."""
-    docs = []
-    # The streams already decide which rank and worker reads which shard, so webdataset's own
-    # node and worker splitting is switched off: it would hand this one shard to one worker only.
-    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+def shard_documents(path: Path, shard: ShardEntry, url: str) -> Iterator[np.ndarray]:
+    """The documents of a checked local shard file, in file order."""
+    # Ranks and workers already decide who reads which shard: webdataset's splitting is off.
+    dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None,
+                             workersplitter=None)
+    count = 0
     try:
         for sample in dataset:
-            docs.append(np.load(io.BytesIO(sample["tokens.npy"])))
+            count += 1
+            yield np.load(io.BytesIO(sample["tokens.npy"]))
     except Exception as e:  # tarfile, numpy and webdataset raise assorted types
-        raise DataError(f"shard {path}: unreadable ({type(e).__name__}: {e}); re-run `megalm prepare`") from None
-    if len(docs) != expected_samples:
-        raise DataError(f"shard {path}: holds {len(docs)} documents, index.json says {expected_samples}; "
-                        f"the shard is truncated or was replaced; re-run `megalm prepare`")
-    return docs
+        raise DataError(f"shard {url}: unreadable ({type(e).__name__}: {e}); re-run `megalm prepare`") from None
+    if count != shard.samples:
+        raise DataError(f"shard {url}: holds {count} documents, index.json says {shard.samples}; re-run "
+                        f"`megalm prepare`")
 
 
-class Stream:
-    """One stream's walk over its shards, yielding (sequence, position after it)."""
-
-    def __init__(self, data_dir: Path, shards: list[ShardEntry], stream_id: int, seq_len: int, eot: int, seed: int):
-        if not shards:
-            raise DataError(f"{data_dir}: stream {stream_id} has no shards; prepare with more shards "
-                            f"(smaller data.shard_tokens) or use fewer data.streams")
-        self.data_dir, self.shards, self.id = data_dir, shards, stream_id
-        self.seq_len, self.eot, self.seed = seq_len, eot, seed
-
-    def _shard_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.id, epoch]).permutation(len(self.shards))
-
-    def _documents(self, epoch: int, slot: int) -> list[np.ndarray]:
-        shard_index = int(self._shard_order(epoch)[slot])
-        shard = self.shards[shard_index]
-        docs = read_shard(self.data_dir / shard.name, shard.samples)
-        order = np.random.default_rng([self.seed, self.id, epoch, shard_index]).permutation(len(docs))
-        eot = np.array([self.eot])
-        return [np.concatenate([docs[i].astype(np.int64), eot]) for i in order]
-
-    def sequences(self, start: StreamPosition) -> Iterator[tuple[np.ndarray, StreamPosition]]:
-        need = self.seq_len + 1
-        pieces: list[np.ndarray] = []
-        have = 0
-        epoch, slot, doc, token = start.epoch, start.shard, start.doc, start.token
-        while True:
-            docs = self._documents(epoch, slot)
-            while doc < len(docs):
-                tokens = docs[doc]
-                while token < len(tokens):
-                    take = min(need - have, len(tokens) - token)
-                    pieces.append(tokens[token:token + take])
-                    have += take
-                    token += take
-                    if have == need:
-                        yield np.concatenate(pieces), self._next_start(epoch, slot, doc, token, docs)
-                        pieces, have = [], 0
-                doc, token = doc + 1, 0
-            slot, doc = slot + 1, 0
-            if slot == len(self.shards):
-                epoch, slot = epoch + 1, 0
-
-    def _next_start(self, epoch: int, slot: int, doc: int, token: int, docs: list) -> StreamPosition:
-        """The position just after (doc, token), carried over document, shard and epoch ends."""
-        if token == len(docs[doc]):
-            doc, token = doc + 1, 0
-        if doc == len(docs):
-            slot, doc = slot + 1, 0
-        if slot == len(self.shards):
-            epoch, slot = epoch + 1, 0
-        return StreamPosition(epoch, slot, doc, token)
+def bounded_shuffle(docs: Iterator[np.ndarray], rng: np.random.Generator, buffer_tokens: int) -> Iterator[np.ndarray]:
+    """Documents in a seeded random order drawn from a buffer of at most ~``buffer_tokens`` tokens."""
+    buf: list[np.ndarray] = []
+    held = 0
+    for doc in docs:
+        buf.append(doc)
+        held += len(doc)
+        while held >= buffer_tokens:
+            doc = _pop_random(buf, rng)
+            held -= len(doc)
+            yield doc
+    while buf:
+        yield _pop_random(buf, rng)
 
 
-class _StepChunks(IterableDataset):
-    """Yields, for each step, one chunk per owned stream: (stream id, sequences, position after)."""
+def _pop_random(buf: list, rng: np.random.Generator):
+    i = int(rng.integers(len(buf)))
+    buf[i], buf[-1] = buf[-1], buf[i]
+    return buf.pop()
 
-    def __init__(self, streams: list[Stream], per_stream: int, positions: dict[int, StreamPosition]):
-        self.streams, self.per_stream, self.positions = streams, per_stream, positions
+
+@dataclass
+class Piece:
+    """A run of the epoch's token stream: real tokens, or a hole (a skipped shard) of ``length``."""
+
+    tokens: np.ndarray | None
+    length: int
+
+
+class Lane:
+    """One lane of one source: its sequence at each step, read sequentially, seekable anywhere."""
+
+    def __init__(self, source: TrainSource, lane: int, on_bad_shard: str, spool_dir: Path):
+        self.source, self.lane, self.on_bad_shard = source, lane, on_bad_shard
+        self.spool = spool_dir / f"lane-{source.index}-{lane}.tar"
+        self.need = source.seq_len + 1
+        self.bad_shards: list[str] = []  # reported since the last take_reports()
+        self._at: tuple[int, int] | None = None  # (epoch, token offset) of the next token to read
+        self._pieces: Iterator[Piece] = iter(())
+        self._current: Piece | None = None
+        self._used = 0  # tokens of the current piece already taken
+
+    def sequence(self, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tokens of this lane's sequence at ``step`` and their validity (None: all valid)."""
+        epoch, t = divmod(step, self.source.steps_per_epoch)
+        start = (self.lane * self.source.steps_per_epoch + t) * self.need
+        if self._at != (epoch, start):
+            self._seek(epoch, start)
+        tokens, valid = np.empty(self.need, np.int64), np.ones(self.need, bool)
+        filled = 0
+        while filled < self.need:
+            if self._current is None or self._used == self._current.length:
+                self._current, self._used = next(self._pieces), 0
+            take = min(self.need - filled, self._current.length - self._used)
+            if self._current.tokens is None:
+                tokens[filled:filled + take] = self.source.manifest.eot_id
+                valid[filled:filled + take] = False
+            else:
+                tokens[filled:filled + take] = self._current.tokens[self._used:self._used + take]
+            filled += take
+            self._used += take
+        self._at = (epoch, start + self.need)
+        return tokens, None if valid.all() else valid
+
+    def _seek(self, epoch: int, offset: int) -> None:
+        order, starts = self.source.epoch_offsets(epoch)
+        slot = int(np.searchsorted(starts, offset, side="right")) - 1
+        self._pieces = self._stream(epoch, order, starts, slot, report_first=offset == starts[slot])
+        self._current, self._used = None, 0
+        skip = offset - int(starts[slot])
+        while skip:
+            piece = next(self._pieces)
+            if piece.length > skip:
+                self._current, self._used = piece, skip
+                break
+            skip -= piece.length
+
+    def _stream(self, epoch: int, order: np.ndarray, starts: np.ndarray, slot: int,
+                report_first: bool) -> Iterator[Piece]:
+        """The epoch's pieces from shard ``slot`` on. A hole is reported by the lane it starts in."""
+        region = (self.lane * self.source.steps_per_epoch * self.need,
+                  (self.lane + 1) * self.source.steps_per_epoch * self.need)
+        eot = np.array([self.source.manifest.eot_id], np.int64)
+        for slot in range(slot, len(order)):
+            index = int(order[slot])
+            shard = self.source.shard(index)
+            url = self.source.location.url(shard.name)
+            try:
+                path = self.source.location.fetch_shard(shard, self.spool)
+            except BadShard as bad:
+                if self.on_bad_shard == "error":
+                    raise DataError(f"{bad}; restore it, re-run `megalm prepare` for {self.source.location}, or set "
+                                    f"data.on_bad_shard=skip to train without it") from None
+                if report_first and region[0] <= starts[slot] < region[1]:
+                    log.warning("data: skipping bad shard %s (%d tokens left as a hole)", bad, shard.tokens)
+                    self.bad_shards.append(url)
+                yield Piece(None, shard.tokens + shard.samples)
+                report_first = True
+                continue
+            report_first = True
+            docs = bounded_shuffle(shard_documents(path, shard, url), self.source.document_rng(epoch, index),
+                                   self.source.shuffle_tokens)
+            for doc in docs:
+                yield Piece(np.concatenate([doc.astype(np.int64), eot]), len(doc) + 1)
+            if path == self.spool:
+                self.spool.unlink(missing_ok=True)
+        raise AssertionError("a lane read past the end of its epoch")  # regions end inside the epoch
+
+    def take_reports(self) -> list[str]:
+        reports, self.bad_shards = self.bad_shards, []
+        return reports
+
+
+class _LaneRows(IterableDataset):
+    """Per step, for this worker's lanes: (row indices, tokens, validity, bad shards found)."""
+
+    def __init__(self, lanes: list[tuple[int, TrainSource, int]], first_step: int, on_bad_shard: str, spool: Path):
+        self.lanes, self.first_step, self.on_bad_shard, self.spool = lanes, first_step, on_bad_shard, spool
 
     def __iter__(self):
         info = get_worker_info()
-        mine = self.streams if info is None else self.streams[info.id::info.num_workers]
-        iters = [s.sequences(self.positions[s.id]) for s in mine]
+        mine = self.lanes if info is None else self.lanes[info.id::info.num_workers]
+        spool = self.spool / f"worker-{os.getpid()}"
+        readers = [(row, Lane(source, lane, self.on_bad_shard, spool)) for row, source, lane in mine]
+        step = self.first_step
         while True:
-            for stream, it in zip(mine, iters):
-                seqs, pos = zip(*(next(it) for _ in range(self.per_stream)))
-                yield stream.id, torch.from_numpy(np.stack(seqs)), asdict(pos[-1])
+            try:
+                rows = [(row, *reader.sequence(step)) for row, reader in readers]
+            except DataError as e:  # passed to the main process as a value: its message stays clean
+                yield {"error": str(e)}
+                return
+            tokens = np.stack([r[1] for r in rows]) if rows else np.empty((0, 0), np.int64)
+            valid = None
+            if any(r[2] is not None for r in rows):
+                valid = np.stack([np.ones(len(r[1]), bool) if r[2] is None else r[2] for r in rows])
+            yield {"rows": [r[0] for r in rows], "tokens": torch.from_numpy(tokens),
+                   "valid": None if valid is None else torch.from_numpy(valid),
+                   "bad_shards": [u for _, reader in readers for u in reader.take_reports()]}
+            step += 1
+
+
+@dataclass
+class Step:
+    """One optimizer step's data on this rank."""
+
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]]  # (inputs, labels); padding labels are IGNORE
+    sequences: torch.Tensor  # this rank's real rows of the global batch, (rows, seq_len + 1)
+    loss_tokens: int  # labels that count, on this rank
+    tokens_by_source: list[int]  # labels that count, per source (in data.mix order)
+    bad_shards: list[str]  # skipped shards first found by this rank's lanes in this step
 
 
 class TrainLoader:
-    """Per-rank iterator of training steps; each step is a (micro_batches, seq_len + 1) tensor list.
+    """Per-rank iterator of :class:`Step`; its state is the number of steps handed out.
 
-    Its state is the position of every stream after the last step handed out. ``state_dict()`` is
-    collective over the data-parallel group: it gathers all ranks' streams, so the state is the
-    same on every rank and resumes on any layout. ``load_state_dict`` must come before the first
-    step (the streams start reading, in worker processes, at the first ``next``).
+    ``load_state_dict`` must come before the first step (reading starts, in the loader workers, at
+    the first ``next``).
     """
 
-    def __init__(self, data_dir: str | Path, manifest: DataManifest, *, seq_len: int, streams: int, dp_rank: int,
-                 dp_size: int, dp_group, micro_batch_size: int, grad_accum: int, num_workers: int, seed: int):
-        data_dir = Path(data_dir)
-        if len(manifest.train) < streams:
-            raise DataError(f"{data_dir}: {len(manifest.train)} train shards cannot feed data.streams={streams}; "
-                            f"prepare with data.streams={streams} or use fewer streams")
-        self.micro_batch_size, self.num_workers, self.dp_group = micro_batch_size, num_workers, dp_group
-        self.per_stream = micro_batch_size * grad_accum * dp_size // streams
-        self.streams = streams
-        self.owned = list(range(dp_rank, streams, dp_size))
-        self.positions = {s: StreamPosition() for s in self.owned}
-        shards_of = [[sh for i, sh in enumerate(manifest.train) if i % streams == s] for s in range(streams)]
-        self._streams = [Stream(data_dir, shards_of[s], s, seq_len, manifest.eot_id, seed) for s in self.owned]
+    def __init__(self, sources: list[TrainSource], layout: BatchLayout, dp_rank: int, *, num_workers: int,
+                 on_bad_shard: str = "error", spool_dir: str | Path = ""):
+        self.sources, self.layout, self.on_bad_shard = sources, layout, on_bad_shard
+        self.rows = layout.rows(dp_rank)
+        lane_of_row = [(s, lane) for s in sources for lane in range(s.lanes)]
+        self._lanes = [(row, *lane_of_row[row]) for row in self.rows]
+        self.num_workers = min(num_workers, len(self._lanes))
+        if num_workers > self.num_workers:
+            log.info("data: %d loader workers asked for, %d used (one lane each at most: this rank reads %d lanes)",
+                     num_workers, self.num_workers, len(self._lanes))
+        self.spool = Path(spool_dir or sources[0].location.cache) / "spool"
+        self.step = 0
         self._chunks = None  # the DataLoader's iterator, started by the first step
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> list[torch.Tensor]:
+    def __next__(self) -> Step:
         if self._chunks is None:
-            dataset = _StepChunks(self._streams, self.per_stream, dict(self.positions))
-            workers = self.num_workers
-            self._chunks = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None))
-        chunks = {}
-        for _ in self.owned:
-            stream_id, seqs, pos = next(self._chunks)
-            chunks[stream_id] = seqs
-            self.positions[stream_id] = StreamPosition(**pos)
-        batch = torch.cat([chunks[s] for s in self.owned])
-        return list(batch.split(self.micro_batch_size))
-
-    def local_positions(self) -> dict[str, dict]:
-        """This rank's streams' positions (stream id as a string, as in JSON)."""
-        return {str(s): asdict(p) for s, p in self.positions.items()}
+            dataset = _LaneRows(self._lanes, self.step, self.on_bad_shard, self.spool)
+            w = self.num_workers
+            self._chunks = iter(DataLoader(dataset, batch_size=None, num_workers=w, persistent_workers=w > 0,
+                                           prefetch_factor=4 if w else None))
+        need = self.layout.micro_batch_size * self.layout.grad_accum
+        seq = self.sources[0].seq_len + 1
+        tokens = torch.full((need, seq), self.sources[0].manifest.eot_id, dtype=torch.int64)
+        valid = torch.zeros((need, seq), dtype=torch.bool)
+        bad: list[str] = []
+        for _ in range(max(1, self.num_workers) if self._lanes else 0):
+            chunk = next(self._chunks)
+            if "error" in chunk:
+                raise DataError(chunk["error"])
+            local = [r - self.rows.start for r in chunk["rows"]]
+            tokens[local] = chunk["tokens"]
+            valid[local] = True if chunk["valid"] is None else chunk["valid"]
+            bad += chunk["bad_shards"]
+        self.step += 1
+        labels = torch.where(valid[:, 1:], tokens[:, 1:], IGNORE)
+        inputs = tokens[:, :-1]
+        mb = self.layout.micro_batch_size
+        by_source = [0] * len(self.sources)
+        for (_, source, _), row_valid in zip(self._lanes, valid[:len(self._lanes), 1:]):
+            by_source[source.index] += int(row_valid.sum())
+        return Step(list(zip(inputs.split(mb), labels.split(mb))), tokens[:len(self._lanes)],
+                    int((labels != IGNORE).sum()), by_source, bad)
 
     def state_dict(self) -> dict:
-        """Positions of all streams (collective over the data-parallel group)."""
-        gathered = [None] * dist.get_world_size(self.dp_group)
-        dist.all_gather_object(gathered, self.local_positions(), group=self.dp_group)
-        return {"streams": self.streams, "positions": {k: v for part in gathered for k, v in part.items()}}
+        """Where the data stands; the same on every rank (not collective)."""
+        return {"step": self.step, **self._identity()}
+
+    def _identity(self) -> dict:
+        """What the data order depends on besides the step: a resume must keep it."""
+        return {"global_batch": self.layout.global_batch, "seq_len": self.sources[0].seq_len,
+                "sources": [{"dir": s.location.base, "lanes": s.lanes, "seed": s.seed,
+                             "shards": len(s.manifest.train)} for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
         if self._chunks is not None:
-            raise RuntimeError("TrainLoader.load_state_dict after the first step: the streams already started")
-        if state["streams"] != self.streams:
-            raise DataError(f"data.streams: the checkpoint's data position is for {state['streams']} streams, "
-                            f"this run has {self.streams}; resume with data.streams={state['streams']}")
-        self.positions = {s: StreamPosition(**state["positions"][str(s)]) for s in self.owned}
+            raise RuntimeError("TrainLoader.load_state_dict after the first step: reading already started")
+        ours = self._identity()
+        for key, theirs in ((k, state.get(k)) for k in ours):
+            if theirs != ours[key]:
+                raise DataError(f"data: the checkpoint's data position is for {key}={theirs}, this run has "
+                                f"{ours[key]}; the data order depends on it, so resume with the checkpoint's "
+                                f"train.global_batch, data.seq_len, data.seed and data sources")
+        self.step = int(state["step"])
 
 
-VAL_TOKEN_CAP = 16_000_000  # validation sequences are drawn from at most this many tokens
+VAL_TOKEN_CAP = 16_000_000  # validation sequences are drawn from at most this many tokens per source
 
 
-def validation_sequences(data_dir: str | Path, manifest: DataManifest, seq_len: int, count: int) -> torch.Tensor:
-    """``count`` sequences spread evenly over the validation split (fewer if it is small).
+def validation_sequences(sources: list[TrainSource], count: int, spool_dir: Path) -> torch.Tensor:
+    """``count`` sequences spread evenly over the sources' validation splits, shared by weight.
 
     Spreading them matters: the first few documents alone are not a fair sample of the corpus.
     """
-    data_dir = Path(data_dir)
-    need = seq_len + 1
+    shares = apportion([s.lanes for s in sources], count)
+    return torch.cat([_validation_of(s, n, spool_dir) for s, n in zip(sources, shares) if n])
+
+
+def _validation_of(source: TrainSource, count: int, spool_dir: Path) -> torch.Tensor:
+    need = source.seq_len + 1
     pieces, have = [], 0
-    eot = np.array([manifest.eot_id], dtype=np.int32)
-    for shard in manifest.val:
-        for doc in read_shard(data_dir / shard.name, shard.samples):
+    eot = np.array([source.manifest.eot_id], dtype=np.int32)
+    spool = spool_dir / f"val-{os.getpid()}.tar"
+    for shard in source.manifest.val:
+        path = source.location.fetch_shard(shard, spool)
+        for doc in shard_documents(path, shard, source.location.url(shard.name)):
             pieces += [doc.astype(np.int32), eot]
             have += len(doc) + 1
+        spool.unlink(missing_ok=True)
         if have >= VAL_TOKEN_CAP:
             break
     n = min(count, have // need)
     if n == 0:
-        raise DataError(f"{data_dir}: the validation split has {have} tokens, fewer than one sequence of "
+        raise DataError(f"{source.location}: the validation split has {have} tokens, fewer than one sequence of "
                         f"{need}; raise data.val_fraction or lower data.seq_len")
     if n < count:
-        log.warning("data: validation split holds only %d sequences of %d tokens (asked for %d)", n, need, count)
+        log.warning("data: %s: validation split holds only %d sequences of %d tokens (asked for %d)",
+                    source.location, n, need, count)
     tokens = np.concatenate(pieces)
     starts = np.linspace(0, len(tokens) - need, n).astype(np.int64)
     return torch.from_numpy(np.stack([tokens[s:s + need] for s in starts]).astype(np.int64))

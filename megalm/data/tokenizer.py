@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megalm.data.sources import DataError
@@ -47,6 +48,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(f"{path}: tokenizer has no end-of-text token ({', '.join(END_OF_TEXT)}), which separates "
                         f"documents")
     return tok
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def encode(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids of ``texts`` concatenated, and the number of each text's: one call into
+    tokenizers for all (without the character offsets, which would cost a third more time)."""
+    ids = [np.array(e.ids, dtype) for e in tok.encode_batch_fast(texts)]
+    lengths = np.array([len(a) for a in ids], np.int64)
+    return (np.concatenate(ids) if ids else np.zeros(0, dtype)), lengths
 
 
 def eot_id(tok: Tokenizer) -> int:

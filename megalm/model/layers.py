@@ -214,12 +214,18 @@ class Head(nn.Module):
 
 
 class LossFunction:
-    """Next-token cross-entropy on vocabulary-parallel logits (also a pipeline's ``loss_fn``):
-    the mean in training; evaluation switches ``reduction`` to "sum" to weigh batches exactly."""
+    """Next-token cross-entropy on vocabulary-parallel logits (also a pipeline's ``loss_fn``).
+
+    ``reduction`` "mean" averages over the labels that count; "sum" adds them up, times ``scale``.
+    Training uses the scaled sum: with ``scale = dp * grad_accum / (labels counted in the global
+    batch)`` DeepSpeed's averaging over micro-batches and ranks yields the exact mean over the global
+    batch, however the counted labels are spread (padding, masked objectives, skipped shards)."""
 
     def __init__(self, tp: TPContext):
         self.tp = tp
         self.reduction = "mean"
+        self.scale: torch.Tensor | float = 1.0
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, self.tp, self.reduction)
+        loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.reduction)
+        return loss if self.reduction == "mean" else loss * self.scale

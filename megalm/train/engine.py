@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from megalm.config import VOCAB_MULTIPLE, Config, ConfigError, validate
+from megalm.config import VOCAB_MULTIPLE, Config, ConfigError, batch_layout, validate
 from megalm.model.transformer import Transformer, pipeline_module
 from megalm.parallel.mesh import Mesh
 from megalm.train.schedule import lr_multiplier
@@ -55,11 +55,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
-    t = cfg.train
+    t, batch = cfg.train, batch_layout(cfg, dp_size)
     return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.grad_accum,
+        "train_batch_size": batch.micro_batch_size * batch.grad_accum * dp_size,
         "gradient_clipping": t.grad_clip,
         "optimizer": {
             "type": "AdamW",

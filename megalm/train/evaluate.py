@@ -27,7 +27,8 @@ def evaluate(engine, val: torch.Tensor, mesh: Mesh, batch_size: int, device: tor
     batches = list(zip(inputs.split(batch_size), labels.split(batch_size)))
     tokens = float(len(val) * (val.shape[1] - 1))
     loss_fn = engine.module.loss_fn  # Transformer and PipelineModule both hold it
-    loss_fn.reduction = "sum"
+    saved = loss_fn.reduction, loss_fn.scale  # training's scaled sum, put back afterwards
+    loss_fn.reduction, loss_fn.scale = "sum", 1.0
     engine.eval()
     try:
         if mesh.pp > 1:
@@ -41,6 +42,6 @@ def evaluate(engine, val: torch.Tensor, mesh: Mesh, batch_size: int, device: tor
             dist.all_reduce(total_t, group=mesh.dp_group)
             total = total_t.item()
     finally:
-        loss_fn.reduction = "mean"
+        loss_fn.reduction, loss_fn.scale = saved
         engine.train()
     return total / tokens

@@ -7,7 +7,7 @@ checkpointer saves and restores all of them the same way.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -15,16 +15,20 @@ import torch
 
 @dataclass
 class TrainState:
-    """Where training stands: optimizer steps taken and tokens trained on."""
+    """Where training stands: optimizer steps taken, tokens trained on (also per data source, with
+    skipped shards' holes left out), bad shards skipped."""
 
     step: int = 0
     tokens: int = 0
+    tokens_by_source: dict[str, int] = field(default_factory=dict)
+    bad_shards: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
+        self.tokens_by_source, self.bad_shards = dict(state["tokens_by_source"]), state["bad_shards"]
 
 
 class RNGState:

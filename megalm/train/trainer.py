@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from megalm.checkpoint.store import Checkpointer
-from megalm.config import Config, validate
-from megalm.data.loader import TrainLoader, validation_sequences
-from megalm.data.prepare import prepare, read_manifest
+from megalm.config import Config, batch_layout, validate
+from megalm.data.dataset import TrainSource, open_sources
+from megalm.data.loader import Step, TrainLoader, validation_sequences
+from megalm.data.prepare import ensure_prepared
 from megalm.model.transformer import parameter_count
 from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after, plot_loss
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
@@ -53,19 +54,20 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.t_start = time.time()
         self.world, self.mesh = self._start_world(cfg)
-        self.cfg, self.manifest = self._prepare_data(cfg)
-        self.tokenizer = Path(self.cfg.data.dir) / self.manifest.tokenizer
+        self.cfg, self.sources = self._prepare_data(cfg)
+        self.manifest = self.sources[0].manifest
+        self.tokenizer = self.sources[0].location.local_file(self.manifest.tokenizer)
         self.run_dir = self._make_run_dir()
+        self.batch = batch_layout(self.cfg, self.mesh.dp)
         self.engine = self._build_engine()
         self.state, self.rng, self.loader = TrainState(), RNGState(), self._build_loader()
-        self.val = validation_sequences(self.cfg.data.dir, self.manifest, self.cfg.data.seq_len,
-                                        self.cfg.data.eval_sequences)
+        self.val = validation_sequences(self.sources, self.cfg.data.eval_sequences, self.loader.spool)
         self.checkpointer = self._build_checkpointer()
         self._resume()
         self.watchdog = Watchdog(self.cfg.train.watchdog_timeout_s, self.run_dir / VERDICT_FILE)
 
         d, t = self.cfg.data, self.cfg.train
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum * self.mesh.dp * d.seq_len
+        self.tokens_per_step = t.global_batch * d.seq_len
         # 6 FLOPs per matmul parameter per token (forward + backward), plus attention's scores and mixing
         self.flops_per_token = (6 * parameter_count(self.cfg.model, include_embeddings=False)
                                 + 12 * self.cfg.model.n_layers * self.cfg.model.d_model * d.seq_len)
@@ -73,6 +75,9 @@ class Trainer:
         self.throughput = Throughput()
         self.interval_losses: list[torch.Tensor] = []
         self.interval_data_hash = 0  # which sequences were trained on since the last log (any layout)
+        self.interval_data_wait_s = 0.0
+        self.interval_started = time.perf_counter()
+        self.interval_counts = torch.zeros(1 + len(self.sources), dtype=torch.int64)  # bad shards, tokens per source
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -84,13 +89,14 @@ class Trainer:
             log.info(mesh.describe())
         return world, mesh
 
-    def _prepare_data(self, cfg: Config):
-        """Rank 0 prepares the data (or checks it matches the config); the model takes its vocabulary."""
-        if self.world.is_main:
-            prepare(cfg.data)
+    def _prepare_data(self, cfg: Config) -> tuple[Config, list[TrainSource]]:
+        """Rank 0 prepares ``data.dir`` if it holds no prepared data yet; every rank then opens the
+        sources (one, or ``data.mix``), and the model takes their vocabulary."""
+        if self.world.is_main and not cfg.data.mix:
+            ensure_prepared(cfg.data)
         dist.barrier()
-        manifest = read_manifest(cfg.data.dir)
-        return resolve_model_config(cfg, manifest.vocab_size), manifest
+        sources = open_sources(cfg.data, cfg.train.global_batch)
+        return resolve_model_config(cfg, sources[0].manifest.vocab_size), sources
 
     def _make_run_dir(self) -> Path:
         run_dir = Path(self.cfg.train.run_dir)
@@ -108,10 +114,9 @@ class Trainer:
         return engine
 
     def _build_loader(self) -> TrainLoader:
-        d, t = self.cfg.data, self.cfg.train
-        return TrainLoader(d.dir, self.manifest, seq_len=d.seq_len, streams=d.streams, dp_rank=self.mesh.dp_rank,
-                           dp_size=self.mesh.dp, dp_group=self.mesh.dp_group, micro_batch_size=t.micro_batch_size,
-                           grad_accum=t.grad_accum, num_workers=d.num_workers, seed=d.seed)
+        d = self.cfg.data
+        return TrainLoader(self.sources, self.batch, self.mesh.dp_rank, num_workers=d.num_workers,
+                           on_bad_shard=d.on_bad_shard, spool_dir=d.cache_dir)
 
     def _build_checkpointer(self) -> Checkpointer:
         """The engine and every stateful part, by name: what a checkpoint holds."""
@@ -133,19 +138,20 @@ class Trainer:
         DeepSpeed does not report it (if asked to measure it)."""
         self.checkpointer.check()  # a background save that failed stops training here
         self.watchdog.progress(self.state.step, "data")
-        micro_batches = next(self.loader)
+        waited = time.perf_counter()
+        step = next(self.loader)
+        self.interval_data_wait_s += time.perf_counter() - waited
         self.watchdog.progress(self.state.step, "forward-backward")
-        if self.mesh.tp_rank == 0 and self.mesh.pp_rank == 0:  # each sequence counted once
-            self.interval_data_hash += data_hash(micro_batches)
+        self._account(step)
         own_grad_norm = None
         if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
             self.checkpointer.before_step()
-            loss = self.engine.train_batch(iter([(mb[:, :-1], mb[:, 1:]) for mb in micro_batches]))
+            loss = self.engine.train_batch(iter(step.micro_batches))
             self.interval_losses.append(loss.detach().float())
         else:
-            for micro in micro_batches:
-                micro = micro.to(self.world.device, non_blocking=True)
-                loss = self.engine(micro[:, :-1], micro[:, 1:])
+            for inputs, labels in step.micro_batches:
+                device = self.world.device
+                loss = self.engine(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
                 self.engine.backward(loss)
                 if self.engine.is_gradient_accumulation_boundary():
                     if measure_grad_norm:
@@ -159,13 +165,33 @@ class Trainer:
         self.throughput.add(self.tokens_per_step)
         return own_grad_norm
 
+    def _account(self, step: Step) -> None:
+        """Weigh this step's loss by the labels that count in the whole global batch (see
+        LossFunction), and note what was read: which sequences, from which source, bad shards."""
+        counted = torch.tensor([step.loss_tokens], dtype=torch.float32, device=self.world.device)
+        dist.all_reduce(counted, group=self.mesh.dp_group)
+        loss_fn = self.engine.module.loss_fn  # Transformer and PipelineModule both hold it
+        loss_fn.reduction = "sum"
+        loss_fn.scale = self.mesh.dp * self.batch.grad_accum / counted.clamp(min=1)
+        if self.mesh.tp_rank == 0 and self.mesh.pp_rank == 0:  # each sequence counted once
+            self.interval_data_hash += data_hash([step.sequences])
+            self.interval_counts += torch.tensor([len(step.bad_shards), *step.tokens_by_source])
+
     def log_step(self, lr: float, own_grad_norm: float | None, step_time_s: float, bar: ProgressBar) -> None:
         """Collective: the mean loss since the last log, over every rank, and the step's numbers."""
         loss = all_reduce_mean(torch.stack(self.interval_losses).mean().item(), self.world.device)
-        batch_hash = torch.tensor([self.interval_data_hash], dtype=torch.int64, device=self.world.device)
-        dist.all_reduce(batch_hash)
+        sums = torch.cat([torch.tensor([self.interval_data_hash]), self.interval_counts]).to(self.world.device)
+        dist.all_reduce(sums)
+        data_wait = torch.tensor([self.interval_data_wait_s], device=self.world.device)
+        dist.all_reduce(data_wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait holds everyone up
+        batch_hash, bad_shards, *by_source = sums.tolist()
+        self.state.bad_shards += bad_shards
+        for source, n in zip(self.sources, by_source):
+            self.state.tokens_by_source[source.name] = self.state.tokens_by_source.get(source.name, 0) + n
+        interval_s = time.perf_counter() - self.interval_started
         self.interval_losses.clear()
-        self.interval_data_hash = 0
+        self.interval_data_hash, self.interval_data_wait_s, self.interval_started = 0, 0.0, time.perf_counter()
+        self.interval_counts.zero_()
         tokens_per_s = self.throughput.rate()
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
@@ -175,7 +201,9 @@ class Trainer:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": self.state.tokens, "tokens_per_s": tokens_per_s, "step_time_s": step_time_s,
             "tflops_per_rank": self.flops_per_token * tokens_per_s / self.world.world_size / 1e12,
-            "data_hash": int(batch_hash.item()),
+            "data_hash": batch_hash, "data_wait_s": data_wait.item(),
+            "data_wait_fraction": data_wait.item() / interval_s, "bad_shards": self.state.bad_shards,
+            "tokens_by_source": dict(self.state.tokens_by_source),
         })
         bar.update(self.state.step, loss, lr, tokens_per_s)
 
@@ -201,9 +229,11 @@ class Trainer:
         """Train to ``train.steps`` (or ``train.stop_at``, or a stop signal), then report."""
         t = self.cfg.train
         if self.world.is_main:
-            log.info("train: %d steps of %d tokens (%d x %d micro-batches x %d ranks x seq %d), from step %d",
-                     t.steps, self.tokens_per_step, t.micro_batch_size, t.grad_accum, self.mesh.dp,
-                     self.cfg.data.seq_len, self.state.step)
+            b = self.batch
+            log.info("train: %d steps of %d tokens (global batch %d = %d ranks x %d micro-batches of %d%s, seq %d), "
+                     "from step %d", t.steps, self.tokens_per_step, b.global_batch, b.dp, b.grad_accum,
+                     b.micro_batch_size, f", {b.padding} padding" if b.padding else "", self.cfg.data.seq_len,
+                     self.state.step)
         if t.watchdog_timeout_s:
             self.watchdog.start()
         try:
