@@ -246,11 +246,11 @@ def test_validation_sequences_are_fixed_and_shared_by_weight(corpus, tmp_path):
 def test_bench_data_reports_loader_and_raw_read(data_dir, tmp_path):
     out = tmp_path / "results"
     run_megalm("bench", "data", CONFIG, *TINY, f"data.dir={data_dir}", "--workers", "0,1", "--tokens", "2e5",
-               "--train-steps", "4", "--out", str(out))
+               "--train-steps", "6", "--out", str(out))
     result = json.loads((out / "data.json").read_text())
     rows = {r["what"]: r for r in result["rows"]}
     assert rows["raw read of prepared's shards (page cache)"]["tokens_per_s"] > 0
     assert rows["loader, 1 workers"]["per_worker"] == rows["loader, 1 workers"]["tokens_per_s"] > 0
-    wait = rows["training 4 steps: time waiting for data"]["fraction"]
+    wait = rows["training: waiting for data, steady state (steps to 6)"]["fraction"]
     assert 0 <= wait < 1
     assert result["meta"]["global_batch"] == 4 and "| loader, 0 workers" in (out / "data.md").read_text()

@@ -37,6 +37,9 @@ from megalm.parallel.tensor_parallel import IGNORE
 
 log = logging.getLogger("megalm.data")
 
+CHUNK_TOKENS = 1 << 18  # loader workers hand over about this many tokens at a time...
+MAX_CHUNK_STEPS = 64  # ...but read at most this many steps ahead
+
 
 def shard_documents(path: Path, shard: ShardEntry, url: str) -> Iterator[np.ndarray]:
     """The documents of a checked local shard file, in file order."""
@@ -103,13 +106,15 @@ class Lane:
         start = (self.lane * self.source.steps_per_epoch + t) * self.need
         if self._at != (epoch, start):
             self._seek(epoch, start)
-        tokens, valid = np.empty(self.need, np.int64), np.ones(self.need, bool)
+        tokens, valid = np.empty(self.need, np.int64), None
         filled = 0
         while filled < self.need:
             if self._current is None or self._used == self._current.length:
                 self._current, self._used = next(self._pieces), 0
             take = min(self.need - filled, self._current.length - self._used)
             if self._current.tokens is None:
+                if valid is None:
+                    valid = np.ones(self.need, bool)
                 tokens[filled:filled + take] = self.source.manifest.eot_id
                 valid[filled:filled + take] = False
             else:
@@ -117,7 +122,7 @@ class Lane:
             filled += take
             self._used += take
         self._at = (epoch, start + self.need)
-        return tokens, None if valid.all() else valid
+        return tokens, valid
 
     def _seek(self, epoch: int, offset: int) -> None:
         order, starts = self.source.epoch_offsets(epoch)
@@ -168,11 +173,26 @@ class Lane:
         return reports
 
 
-class _LaneRows(IterableDataset):
-    """Per step, for this worker's lanes: (row indices, tokens, validity, bad shards found)."""
+@dataclass
+class _Chunk:
+    """One worker's rows of ``len(tokens)`` consecutive steps. A plain class: the DataLoader passes
+    it on untouched (its tensors travel between processes in shared memory)."""
 
-    def __init__(self, lanes: list[tuple[int, TrainSource, int]], first_step: int, on_bad_shard: str, spool: Path):
-        self.lanes, self.first_step, self.on_bad_shard, self.spool = lanes, first_step, on_bad_shard, spool
+    rows: list[int]
+    tokens: torch.Tensor  # (steps, rows, seq_len + 1)
+    valid: torch.Tensor | None  # the same shape, or None: every token is real
+    bad_shards: list[list[str]]  # per step
+    error: str = ""
+
+
+class _LaneRows(IterableDataset):
+    """For this worker's lanes, chunks of ``steps_per_chunk`` steps: handing batches between
+    processes costs about a millisecond each, so small steps travel several at a time."""
+
+    def __init__(self, lanes: list[tuple[int, TrainSource, int]], first_step: int, steps_per_chunk: int,
+                 on_bad_shard: str, spool: Path):
+        self.lanes, self.first_step, self.steps_per_chunk = lanes, first_step, steps_per_chunk
+        self.on_bad_shard, self.spool = on_bad_shard, spool
 
     def __iter__(self):
         info = get_worker_info()
@@ -181,19 +201,22 @@ class _LaneRows(IterableDataset):
         readers = [(row, Lane(source, lane, self.on_bad_shard, spool)) for row, source, lane in mine]
         step = self.first_step
         while True:
+            steps = range(step, step + self.steps_per_chunk)
+            seqs, bad = [], []
             try:
-                rows = [(row, *reader.sequence(step)) for row, reader in readers]
+                for s in steps:
+                    seqs.append([reader.sequence(s) for _, reader in readers])
+                    bad.append([u for _, reader in readers for u in reader.take_reports()])
             except DataError as e:  # passed to the main process as a value: its message stays clean
-                yield {"error": str(e)}
+                yield _Chunk([], torch.empty(0), None, [], error=str(e))
                 return
-            tokens = np.stack([r[1] for r in rows]) if rows else np.empty((0, 0), np.int64)
             valid = None
-            if any(r[2] is not None for r in rows):
-                valid = np.stack([np.ones(len(r[1]), bool) if r[2] is None else r[2] for r in rows])
-            yield {"rows": [r[0] for r in rows], "tokens": torch.from_numpy(tokens),
-                   "valid": None if valid is None else torch.from_numpy(valid),
-                   "bad_shards": [u for _, reader in readers for u in reader.take_reports()]}
-            step += 1
+            if any(v is not None for per_step in seqs for _, v in per_step):
+                valid = torch.from_numpy(np.array([[np.ones(len(t), bool) if v is None else v for t, v in per_step]
+                                                   for per_step in seqs]))
+            tokens = torch.from_numpy(np.array([[t for t, _ in per_step] for per_step in seqs]))
+            yield _Chunk([row for row, _ in readers], tokens, valid, bad)
+            step += self.steps_per_chunk
 
 
 @dataclass
@@ -227,38 +250,58 @@ class TrainLoader:
         self.spool = Path(spool_dir or sources[0].location.cache) / "spool"
         self.step = 0
         self._chunks = None  # the DataLoader's iterator, started by the first step
+        self._pending: list[tuple[_Chunk, int]] = []  # per worker: its current chunk, next step in it
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Step:
         if self._chunks is None:
-            dataset = _LaneRows(self._lanes, self.step, self.on_bad_shard, self.spool)
+            per_step = max(1, len(self._lanes) // max(1, self.num_workers)) * (self.sources[0].seq_len + 1)
+            steps_per_chunk = min(-(-CHUNK_TOKENS // per_step), MAX_CHUNK_STEPS) if self.num_workers else 1
+            dataset = _LaneRows(self._lanes, self.step, steps_per_chunk, self.on_bad_shard, self.spool)
             w = self.num_workers
             self._chunks = iter(DataLoader(dataset, batch_size=None, num_workers=w, persistent_workers=w > 0,
                                            prefetch_factor=4 if w else None))
         need = self.layout.micro_batch_size * self.layout.grad_accum
         seq = self.sources[0].seq_len + 1
+        n = len(self._lanes)
         tokens = torch.full((need, seq), self.sources[0].manifest.eot_id, dtype=torch.int64)
-        valid = torch.zeros((need, seq), dtype=torch.bool)
-        bad: list[str] = []
-        for _ in range(max(1, self.num_workers) if self._lanes else 0):
-            chunk = next(self._chunks)
-            if "error" in chunk:
-                raise DataError(chunk["error"])
-            local = [r - self.rows.start for r in chunk["rows"]]
-            tokens[local] = chunk["tokens"]
-            valid[local] = True if chunk["valid"] is None else chunk["valid"]
-            bad += chunk["bad_shards"]
+        valid = torch.ones((need, seq), dtype=torch.bool)
+        valid[n:] = False  # padding rows
+        holes, bad = False, []
+        for chunk, i in self._next_chunks() if n else []:
+            local = [r - self.rows.start for r in chunk.rows]
+            tokens[local] = chunk.tokens[i]
+            if chunk.valid is not None:
+                valid[local], holes = chunk.valid[i], True
+            bad += chunk.bad_shards[i]
         self.step += 1
-        labels = torch.where(valid[:, 1:], tokens[:, 1:], IGNORE)
-        inputs = tokens[:, :-1]
+        labels = tokens[:, 1:] if n == need and not holes else torch.where(valid[:, 1:], tokens[:, 1:], IGNORE)
         mb = self.layout.micro_batch_size
         by_source = [0] * len(self.sources)
-        for (_, source, _), row_valid in zip(self._lanes, valid[:len(self._lanes), 1:]):
-            by_source[source.index] += int(row_valid.sum())
-        return Step(list(zip(inputs.split(mb), labels.split(mb))), tokens[:len(self._lanes)],
-                    int((labels != IGNORE).sum()), by_source, bad)
+        if holes:
+            for (_, source, _), row_valid in zip(self._lanes, valid[:n, 1:]):
+                by_source[source.index] += int(row_valid.sum())
+        else:
+            for _, source, _ in self._lanes:
+                by_source[source.index] += seq - 1
+        return Step(list(zip(tokens[:, :-1].split(mb), labels.split(mb))), tokens[:n], sum(by_source), by_source,
+                    bad)
+
+    def _next_chunks(self) -> list[tuple[_Chunk, int]]:
+        """Each worker's chunk holding this step, and the step's index in it. The DataLoader hands
+        out the workers' chunks in turn, and every chunk spans as many steps, so taking a new one
+        from each worker in order keeps them in step."""
+        workers = max(1, self.num_workers)
+        if not self._pending or self._pending[0][1] == len(self._pending[0][0].tokens):
+            self._pending = [(next(self._chunks), 0) for _ in range(workers)]
+            for chunk, _ in self._pending:
+                if chunk.error:
+                    raise DataError(chunk.error)
+        out = self._pending
+        self._pending = [(chunk, i + 1) for chunk, i in out]
+        return out
 
     def state_dict(self) -> dict:
         """Where the data stands; the same on every rank (not collective)."""
