@@ -28,7 +28,8 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
-        self.tokens_by_source, self.bad_shards = dict(state["tokens_by_source"]), state["bad_shards"]
+        # checkpoints from before these counters were kept start them at zero
+        self.tokens_by_source, self.bad_shards = dict(state.get("tokens_by_source", {})), state.get("bad_shards", 0)
 
 
 class RNGState:
