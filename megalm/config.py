@@ -180,6 +180,8 @@ class TrainConfig:
     watchdog_timeout_s: float = field(
         600.0, "a rank that makes no progress (or stops its heartbeat) this long ends the run, named (0: off)")
     collective_timeout_s: float = field(1800.0, "how long a collective may wait for a peer before it fails")
+    peak_tflops: float = field(0.0, "the GPU's dense peak TFLOP/s at train.precision, for MFU (0: from megalm's table "
+                                    "for a known GPU; none on other devices and CPUs)")
 
 
 @dataclass(frozen=True)

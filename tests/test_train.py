@@ -20,6 +20,8 @@ def test_run_dir_has_everything(single_run):
     for r in steps:
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s"} <= set(r)
         assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
+        assert r["tflops_per_gpu"] > 0 and r["mfu"] is None and r["mem_peak_gb"] > 0  # a CPU has no MFU
+        assert 0 <= r["data_wait_fraction"] < 1 and r["bad_shards"] == 0
     assert steps[-1]["tokens"] == 6 * 4 * 32
     # the logged lr is the one the step used: linear warmup over 2 steps to 3e-3, then cosine down
     assert [r["lr"] for r in steps[:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])

@@ -75,21 +75,16 @@ def one_process_names(module: nn.Module, cfg: ModelConfig) -> dict[nn.Parameter,
     return out
 
 
-def parameter_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
-    """Parameters of the whole model, whatever the layout. Without embeddings: the parameters that
-    take part in matmuls (blocks and the output head, tied or not), which set the FLOPs per token."""
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the whole model, whatever the layout."""
     d, q, kv, ffn = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
     bias = cfg.style == "gpt2"
     norm = d * (2 if bias else 1)
     attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if bias else 0)
     mlp = d * ffn * (2 if cfg.style == "llama" else 1) + ffn * d + (ffn + d if bias else 0)
     n = cfg.n_layers * (attn + mlp + 2 * norm) + norm
-    if include_embeddings:
-        n += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-        n += cfg.max_seq_len * d if cfg.style == "gpt2" else 0
-    else:
-        n += cfg.vocab_size * d
-    return n
+    n += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return n + (cfg.max_seq_len * d if cfg.style == "gpt2" else 0)
 
 
 def pipeline_module(cfg: ModelConfig, mesh: Mesh, *, seed: int, sequence_parallel: bool, checkpointing: str,

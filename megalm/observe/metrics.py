@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -152,6 +153,13 @@ class Throughput:
 
 
 HASH_BITS = 40  # per sequence: sums over a million sequences stay exact in an int64
+
+
+def peak_memory_gb() -> float:
+    """This process's peak memory so far: the CUDA allocator's on a GPU, the resident set on a CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
 def data_hash(micro_batches: list[torch.Tensor]) -> int:

@@ -20,13 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megalm_kernels.benchmarking import device_name
+
 from megalm.checkpoint.store import Checkpointer
 from megalm.config import Config, batch_layout, validate
 from megalm.data.dataset import TrainSource, open_sources
 from megalm.data.loader import Step, TrainLoader, validation_sequences
 from megalm.data.prepare import ensure_prepared
 from megalm.model.transformer import parameter_count
-from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after, plot_loss
+from megalm.observe.flops import flops_per_token, mfu, peak_tflops
+from megalm.observe.metrics import (MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after,
+                                    peak_memory_gb, plot_loss)
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
@@ -68,9 +72,8 @@ class Trainer:
 
         d, t = self.cfg.data, self.cfg.train
         self.tokens_per_step = t.global_batch * d.seq_len
-        # 6 FLOPs per matmul parameter per token (forward + backward), plus attention's scores and mixing
-        self.flops_per_token = (6 * parameter_count(self.cfg.model, include_embeddings=False)
-                                + 12 * self.cfg.model.n_layers * self.cfg.model.d_model * d.seq_len)
+        self.flops_per_token = flops_per_token(self.cfg.model, d.seq_len)
+        self.peak_tflops = peak_tflops(device_name(self.world.device), t.precision, t.peak_tflops)
         self.sink = MetricsSink(self.cfg, self.run_dir, enabled=self.world.is_main)
         self.throughput = Throughput()
         self.interval_losses: list[torch.Tensor] = []
@@ -193,6 +196,7 @@ class Trainer:
         self.interval_data_hash, self.interval_data_wait_s, self.interval_started = 0, 0.0, time.perf_counter()
         self.interval_counts.zero_()
         tokens_per_s = self.throughput.rate()
+        tflops = self.flops_per_token * tokens_per_s / self.world.world_size / 1e12
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = own_grad_norm
@@ -200,7 +204,7 @@ class Trainer:
             "step": self.state.step, "loss": loss, "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": self.state.tokens, "tokens_per_s": tokens_per_s, "step_time_s": step_time_s,
-            "tflops_per_rank": self.flops_per_token * tokens_per_s / self.world.world_size / 1e12,
+            "tflops_per_gpu": tflops, "mfu": mfu(tflops, self.peak_tflops), "mem_peak_gb": peak_memory_gb(),
             "data_hash": batch_hash, "data_wait_s": data_wait.item(),
             "data_wait_fraction": data_wait.item() / interval_s, "bad_shards": self.state.bad_shards,
             "tokens_by_source": dict(self.state.tokens_by_source),

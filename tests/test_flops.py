@@ -1,0 +1,30 @@
+"""FLOPs per token against torch's FLOP counter on the model itself, and MFU only where the peak is known."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from megalm.config import KernelsConfig, ModelConfig
+from megalm.model.transformer import Transformer
+from megalm.observe.flops import flops_per_token, mfu, peak_tflops
+
+
+@pytest.mark.parametrize("style,kv_heads,tied", [("gpt2", 0, True), ("llama", 2, False)])
+def test_formula_equals_torch_flop_counter(style, kv_heads, tied):
+    # the plain-torch attention runs as matmuls, which the counter sees (CPU SDPA it does not count)
+    m = ModelConfig(style=style, n_layers=3, d_model=96, n_heads=6, n_kv_heads=kv_heads, vocab_size=640,
+                    max_seq_len=48, tie_embeddings=tied, kernels=KernelsConfig(attention="torch"))
+    x = torch.randint(0, m.vocab_size, (2, 48))
+    with FlopCounterMode(display=False) as counter:
+        Transformer(m)(x, x).backward()
+    assert counter.get_total_flops() == flops_per_token(m, 48) * x.numel()
+
+
+def test_mfu_only_against_a_known_peak():
+    assert peak_tflops("cpu x86_64", "bf16") is None and mfu(12.0, None) is None
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5
+    assert peak_tflops("Some Future GPU", "bf16") is None
+    assert peak_tflops("cpu x86_64", "bf16", override=100.0) == 100.0
+    assert mfu(494.7, peak_tflops("NVIDIA H100 80GB HBM3", "bf16")) == pytest.approx(0.5)
