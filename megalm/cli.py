@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 import time
 
 from megalm.config import ConfigError, load_config
@@ -130,6 +131,17 @@ def cmd_slurm(args) -> int:
     return slurm.submit(args.rest)
 
 
+def cmd_plot(args) -> int:
+    from megalm.observe.plot import DEFAULT_METRICS, plot_runs
+
+    out = plot_runs([Path(d) for d in args.run_dirs], args.metric or DEFAULT_METRICS, Path(args.out))
+    if out is None:
+        print(f"megalm: error: none of {args.run_dirs} logged any of {args.metric or DEFAULT_METRICS}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what == "kernels":
         from megalm_kernels import bench
@@ -204,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["submit"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="see megalm slurm submit --help")
     sp.set_defaults(func=cmd_slurm)
+
+    sp = sub.add_parser("plot", help="curves of several runs on one figure (loss, throughput, MFU, memory)")
+    sp.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
+    sp.add_argument("--metric", action="append", help="a metrics.jsonl field to plot (repeatable; default: loss, "
+                                                      "tokens_per_s, mfu, mem_peak_gb)")
+    sp.add_argument("--out", default="runs.png", help="the PNG to write")
+    sp.set_defaults(func=cmd_plot)
 
     sp = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
     sp.add_argument("what", choices=["kernels", "ckpt", "data"])

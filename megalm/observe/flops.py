@@ -12,7 +12,7 @@ and weights: 2 × forward). The forward, per token:
 - the LM head, ``2 · d · vocab``.
 
 Norms, biases, softmax and the embedding lookup are left out (under 1% at any real size). The
-formula is checked against torch's FLOP counter on the model itself (tests/test_flops.py).
+formula is checked against torch's FLOP counter on the model itself (tests/test_observe.py).
 
 MFU divides the achieved model FLOP/s per GPU by the dense peak of the GPU for the run's precision:
 from the table below for a recognised device, from ``train.peak_tflops`` when set, otherwise none

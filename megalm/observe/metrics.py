@@ -1,4 +1,4 @@
-"""Where training metrics go: metrics.jsonl, the console progress bar, wandb, and loss.png.
+"""Where training metrics go: metrics.jsonl, the console progress bar, wandb (loss.png: megalm.observe.plot).
 
 Only rank 0 writes. wandb is optional: used when installed and ``train.wandb.mode`` is not
 ``disabled``, offline unless the user asks for online.
@@ -106,34 +106,6 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
     rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
     if path.is_file():
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def plot_loss(run_dir: Path) -> Path | None:
-    """loss.png: training loss per logged step, validation loss per evaluation."""
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = run_dir / "loss.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 class Throughput:

@@ -29,8 +29,8 @@ from megalm.data.loader import Step, TrainLoader, validation_sequences
 from megalm.data.prepare import ensure_prepared
 from megalm.model.transformer import parameter_count
 from megalm.observe.flops import flops_per_token, mfu, peak_tflops
-from megalm.observe.metrics import (MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after,
-                                    peak_memory_gb, plot_loss)
+from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after, peak_memory_gb
+from megalm.observe.plot import plot_loss
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config

@@ -1,4 +1,4 @@
-"""FLOPs per token against torch's FLOP counter on the model itself, and MFU only where the peak is known."""
+"""Observability: FLOPs per token against torch's FLOP counter, MFU only where the peak is known, plots of several runs."""
 
 import pytest
 import torch
@@ -28,3 +28,27 @@ def test_mfu_only_against_a_known_peak():
     assert peak_tflops("Some Future GPU", "bf16") is None
     assert peak_tflops("cpu x86_64", "bf16", override=100.0) == 100.0
     assert mfu(494.7, peak_tflops("NVIDIA H100 80GB HBM3", "bf16")) == pytest.approx(0.5)
+
+
+def test_plot_draws_one_line_per_run_and_metric(tmp_path):
+    import json
+
+    from megalm.cli import main
+    from megalm.observe.metrics import read_metrics
+    from megalm.observe.plot import figure
+
+    runs = []
+    for i, name in enumerate(["a", "b", "c"]):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": s, "loss": 5 - s / 10 - i, "tokens_per_s": 1000.0 * (i + 1), "mfu": None} for s in range(1, 6)]
+        rows.append({"step": 5, "val_loss": 4.0 - i})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    fig = figure({r: read_metrics(r) for r in runs}, ["loss", "tokens_per_s", "mfu"])
+    loss, speed = fig.axes  # mfu is null on CPU runs: no panel
+    assert len(speed.lines) == 3 and len(loss.lines) == 6  # train and validation per run
+    assert list(speed.lines[1].get_ydata()) == [2000.0] * 5
+    out = tmp_path / "runs.png"
+    assert main(["plot", *map(str, runs), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
