@@ -145,6 +145,13 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    steps: list[int] = field([], "[first, last] steps to record with torch.profiler (empty: none)")
+    ranks: list[int] = field([0], "the ranks that record")
+    memory: bool = field(False, "also record memory allocations (and tensor shapes)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = field("runs/quickstart", "everything the run writes goes here")
     steps: int = field(200, "optimizer steps to train")
@@ -177,6 +184,7 @@ class TrainConfig:
                                 "from when run_dir has none of its own")
     progress: bool = field(True, "show a progress bar on rank 0")
     wandb: WandbConfig = field(WandbConfig(), "Weights & Biases logging")
+    profile: ProfileConfig = field(ProfileConfig(), "torch profiler traces of chosen steps (RUN_DIR/profile/)")
     watchdog_timeout_s: float = field(
         600.0, "a rank that makes no progress (or stops its heartbeat) this long ends the run, named (0: off)")
     collective_timeout_s: float = field(1800.0, "how long a collective may wait for a peer before it fails")
@@ -395,6 +403,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if not 0.0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
+    if t.profile.steps and (len(t.profile.steps) != 2 or not 1 <= t.profile.steps[0] <= t.profile.steps[1]):
+        raise ConfigError(f"train.profile.steps: expected [first, last] with 1 <= first <= last, got {t.profile.steps}")
     for i, source in enumerate(d.mix):
         if not source.dir:
             raise ConfigError(f"data.mix[{i}].dir: a prepared data directory is required")

@@ -2,6 +2,7 @@
 stage reproduce one process, a checkpoint reloads to the same model, and generate is reproducible
 (resuming is tested in test_checkpoint.py)."""
 
+import json
 import math
 
 import pytest
@@ -23,6 +24,10 @@ def test_run_dir_has_everything(single_run):
         assert r["tflops_per_gpu"] > 0 and r["mfu"] is None and r["mem_peak_gb"] > 0  # a CPU has no MFU
         assert 0 <= r["data_wait_fraction"] < 1 and r["bad_shards"] == 0
     assert steps[-1]["tokens"] == 6 * 4 * 32
+    trace = json.loads((single_run / "profile/trace-rank0.json").read_text())  # train.profile.steps=[2,3]
+    marked = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("megalm step")}
+    assert marked == {"megalm step 2", "megalm step 3"}
+    assert "aten::mm" in (single_run / "profile/top-rank0.txt").read_text()
     # the logged lr is the one the step used: linear warmup over 2 steps to 3e-3, then cosine down
     assert [r["lr"] for r in steps[:3]] == pytest.approx([1.5e-3, 3e-3, 3e-3])
     assert steps[-1]["lr"] == pytest.approx(2e-4)

@@ -31,6 +31,7 @@ from megalm.model.transformer import parameter_count
 from megalm.observe.flops import flops_per_token, mfu, peak_tflops
 from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after, peak_memory_gb
 from megalm.observe.plot import plot_loss
+from megalm.observe.profile import StepProfiler
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
@@ -75,6 +76,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.cfg.model, d.seq_len)
         self.peak_tflops = peak_tflops(device_name(self.world.device), t.precision, t.peak_tflops)
         self.sink = MetricsSink(self.cfg, self.run_dir, enabled=self.world.is_main)
+        self.profiler = StepProfiler(t.profile, self.world.rank, self.run_dir, self.world.device)
         self.throughput = Throughput()
         self.interval_losses: list[torch.Tensor] = []
         self.interval_data_hash = 0  # which sequences were trained on since the last log (any layout)
@@ -268,7 +270,8 @@ class Trainer:
             step = self.state.step + 1
             logging_step = step % t.log_every == 0 or step == last
             lr = self.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
-            own_grad_norm = self.train_step(measure_grad_norm=logging_step)
+            with self.profiler.step(step):
+                own_grad_norm = self.train_step(measure_grad_norm=logging_step)
             signalled = stop.agreed(self.world.device)
             if logging_step or signalled:
                 self.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
