@@ -23,6 +23,9 @@ def test_run_dir_has_everything(single_run):
         assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
         assert r["tflops_per_gpu"] > 0 and r["mfu"] is None and r["mem_peak_gb"] > 0  # a CPU has no MFU
         assert 0 <= r["data_wait_fraction"] < 1 and r["bad_shards"] == 0
+        parts = r["step_breakdown_s"]  # the logged step's phases fit inside its time
+        assert set(parts) == {"data", "forward", "backward", "optimizer"} and all(v > 0 for v in parts.values())
+        assert sum(parts.values()) <= r["step_time_s"]
     assert steps[-1]["tokens"] == 6 * 4 * 32
     trace = json.loads((single_run / "profile/trace-rank0.json").read_text())  # train.profile.steps=[2,3]
     marked = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("megalm step")}

@@ -32,6 +32,7 @@ from megalm.observe.flops import flops_per_token, mfu, peak_tflops
 from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after, peak_memory_gb
 from megalm.observe.plot import plot_loss
 from megalm.observe.profile import StepProfiler
+from megalm.observe.timing import PhaseTimer
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
@@ -77,6 +78,7 @@ class Trainer:
         self.peak_tflops = peak_tflops(device_name(self.world.device), t.precision, t.peak_tflops)
         self.sink = MetricsSink(self.cfg, self.run_dir, enabled=self.world.is_main)
         self.profiler = StepProfiler(t.profile, self.world.rank, self.run_dir, self.world.device)
+        self.timer = PhaseTimer(self.world.device)
         self.throughput = Throughput()
         self.interval_losses: list[torch.Tensor] = []
         self.interval_data_hash = 0  # which sequences were trained on since the last log (any layout)
@@ -138,31 +140,37 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ phases
 
-    def train_step(self, measure_grad_norm: bool) -> float | None:
-        """One optimizer step over this rank's micro-batches. Returns the gradient norm where
-        DeepSpeed does not report it (if asked to measure it)."""
+    def train_step(self, measure: bool) -> float | None:
+        """One optimizer step over this rank's micro-batches. With ``measure`` (a logged step) the
+        phases are timed and the gradient norm is returned where DeepSpeed does not report it."""
         self.checkpointer.check()  # a background save that failed stops training here
         self.watchdog.progress(self.state.step, "data")
+        self.timer.start_step(measure)
         waited = time.perf_counter()
-        step = next(self.loader)
+        with self.timer.phase("data"):
+            step = next(self.loader)
         self.interval_data_wait_s += time.perf_counter() - waited
         self.watchdog.progress(self.state.step, "forward-backward")
         self._account(step)
         own_grad_norm = None
         if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
             self.checkpointer.before_step()
-            loss = self.engine.train_batch(iter(step.micro_batches))
+            with self.timer.phase("pipeline"):  # forward, backward and optimizer interleave in the 1F1B schedule
+                loss = self.engine.train_batch(iter(step.micro_batches))
             self.interval_losses.append(loss.detach().float())
         else:
             for inputs, labels in step.micro_batches:
                 device = self.world.device
-                loss = self.engine(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-                self.engine.backward(loss)
+                with self.timer.phase("forward"):
+                    loss = self.engine(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                with self.timer.phase("backward"):
+                    self.engine.backward(loss)
                 if self.engine.is_gradient_accumulation_boundary():
-                    if measure_grad_norm:
+                    if measure:
                         own_grad_norm = gradient_norm(self.engine, self.mesh)
                     self.checkpointer.before_step()  # a save in flight must have copied the weights it changes
-                self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+                with self.timer.phase("optimizer"):
+                    self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
                 self.interval_losses.append(loss.detach().float())
                 self.watchdog.progress(self.state.step, "forward-backward")
         self.state.step += 1
@@ -210,6 +218,7 @@ class Trainer:
             "data_hash": batch_hash, "data_wait_s": data_wait.item(),
             "data_wait_fraction": data_wait.item() / interval_s, "bad_shards": self.state.bad_shards,
             "tokens_by_source": dict(self.state.tokens_by_source),
+            "step_breakdown_s": dict(self.timer.seconds),
         })
         bar.update(self.state.step, loss, lr, tokens_per_s)
 
@@ -271,7 +280,7 @@ class Trainer:
             logging_step = step % t.log_every == 0 or step == last
             lr = self.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
             with self.profiler.step(step):
-                own_grad_norm = self.train_step(measure_grad_norm=logging_step)
+                own_grad_norm = self.train_step(measure=logging_step)
             signalled = stop.agreed(self.world.device)
             if logging_step or signalled:
                 self.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
