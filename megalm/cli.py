@@ -147,9 +147,9 @@ def cmd_bench(args) -> int:
         from megalm_kernels import bench
 
         return bench.main(args.rest)
-    from megalm.bench import ckpt, data
+    from megalm.bench import ckpt, data, train
 
-    return {"ckpt": ckpt, "data": data}[args.what].main(args.rest)
+    return {"ckpt": ckpt, "data": data, "train": train}[args.what].main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_plot)
 
     sp = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
-    sp.add_argument("what", choices=["kernels", "ckpt", "data"])
+    sp.add_argument("what", choices=["kernels", "ckpt", "data", "train"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
     sp.set_defaults(func=cmd_bench)
     return p

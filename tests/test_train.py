@@ -151,3 +151,24 @@ def test_bf16_tracks_fp32(single_run, data_args, tmp_path, zero_stage):
     assert all(math.isfinite(x) for x in losses)
     assert max(abs(a - b) / b for a, b in zip(losses, reference)) < 2e-2, (losses, reference)
     assert load_model(run_dir)[0].embed.tok.weight.dtype == torch.float32  # sampling runs in fp32
+
+
+def test_compiled_blocks_train_like_eager(single_run, data_args, tmp_path):
+    """train.compile: torch.compile of every block gives the eager run's losses."""
+    run_dir = tmp_path / "compiled"
+    log = run_megalm("train", CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}", "train.steps=6",
+                     "train.stop_at=3", "train.eval_every=100", "train.compile=true").stderr
+    assert "compile: torch.compile on 2 Transformer blocks" in log
+    assert train_losses(run_dir) == pytest.approx(train_losses(single_run)[:3], rel=1e-5)
+
+
+def test_bench_train_reports_steady_state(data_args, tmp_path):
+    out = tmp_path / "results"
+    run_megalm("bench", "train", CONFIG, *TINY, *data_args, "--steps", "5", "--warmup", "2",
+               "--variant", "plain:", "--variant", "recompute:parallel.activation_checkpointing=full", "--out", str(out))
+    result = json.loads((out / "train.json").read_text())
+    plain, recompute = result["rows"]
+    assert plain["steps_measured"] == recompute["steps_measured"] == 3
+    assert plain["tokens_per_s"] > 0 and plain["mfu"] is None and plain["mem_peak_gb"] > 0
+    assert recompute["overrides"] == "parallel.activation_checkpointing=full" and "backward" in recompute["breakdown"]
+    assert result["meta"]["git_commit"]

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from megalm.config import VOCAB_MULTIPLE, Config, ConfigError, batch_layout, validate
+from megalm.model.layers import Block
 from megalm.model.transformer import Transformer, pipeline_module
 from megalm.parallel.mesh import Mesh
 from megalm.train.schedule import lr_multiplier
@@ -39,10 +40,19 @@ def resolve_model_config(cfg: Config, tokenizer_vocab: int) -> Config:
 def build_model(cfg: Config, mesh: Mesh) -> nn.Module:
     p = cfg.parallel
     if mesh.pp > 1:
-        return pipeline_module(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
-                               checkpointing=p.activation_checkpointing, partition=p.pp_partition)
-    return Transformer(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
-                       checkpointing=p.activation_checkpointing)
+        model = pipeline_module(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
+                                checkpointing=p.activation_checkpointing, partition=p.pp_partition)
+    else:
+        model = Transformer(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
+                            checkpointing=p.activation_checkpointing)
+    if cfg.train.compile:
+        # Block by block: the blocks are where the time goes, and a graph per block leaves the
+        # embedding, the vocabulary-parallel loss and DeepSpeed's hooks outside the compiler.
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        for block in blocks:
+            block.compile()
+        log.info("compile: torch.compile on %d Transformer blocks (compiled at their first call)", len(blocks))
+    return model
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

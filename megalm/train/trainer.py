@@ -286,7 +286,7 @@ class Trainer:
                 self.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
             if step % t.eval_every == 0 or step == t.steps:
                 val_loss = self.evaluate()
-            if (t.save_every and step % t.save_every == 0) or step == last or signalled:
+            if t.save and ((t.save_every and step % t.save_every == 0) or step == last or signalled):
                 ckpt = self.save()
             if signalled:
                 log.warning("stopped at step %d after a signal; resume by running the same command again", step)
