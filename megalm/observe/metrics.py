@@ -38,7 +38,7 @@ class MetricsSink:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
     def close(self) -> None:
         if self.wandb is not None:
