@@ -30,11 +30,15 @@ def _setup_logging() -> None:
 def cmd_train(args) -> int:
     from megalm.train.trainer import train
 
-    summary = train(load_config(args.config, args.overrides))
+    log_summary(train(load_config(args.config, args.overrides)))
+    return 0
+
+
+def log_summary(summary) -> None:
+    """The last line of a training run (``megalm train``, ``megalm finetune``), from rank 0."""
     if summary.run_dir and int(os.environ.get("RANK", "0")) == 0:
         log.info("done: %d steps, %d tokens in %.0fs; val loss %.4f (ppl %.2f); checkpoint %s",
                  summary.steps, summary.tokens, summary.wall_s, summary.val_loss, summary.val_ppl, summary.checkpoint)
-    return 0
 
 
 def cmd_prepare(args) -> int:
@@ -125,6 +129,38 @@ def cmd_ckpt(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from megalm.evaluation import main
+
+    return main(args)
+
+
+def cmd_finetune(args) -> int:
+    if args.task == "lm":
+        from megalm.finetune.lm import main
+    else:
+        from megalm.finetune.classify import main
+    return main(args)
+
+
+def cmd_classify(args) -> int:
+    from megalm.finetune.predict import main
+
+    return main(args)
+
+
+def cmd_finetune_example(args) -> int:
+    from megalm.finetune.example import main
+
+    return main(args)
+
+
+def cmd_plan(args) -> int:
+    from megalm.plan.report import main
+
+    return main(args)
+
+
 def cmd_slurm(args) -> int:
     from megalm.cluster import slurm
 
@@ -132,9 +168,19 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from megalm.observe.plot import DEFAULT_METRICS, plot_runs
+    from megalm.observe.plot import DEFAULT_METRICS, plot_bench, plot_runs
 
-    out = plot_runs([Path(d) for d in args.run_dirs], args.metric or DEFAULT_METRICS, Path(args.out))
+    if args.bench:
+        try:
+            print(plot_bench(Path(args.bench), args.out and Path(args.out)))
+        except ValueError as e:
+            print(f"megalm: error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if not args.run_dirs:
+        print("megalm: error: give run directories, or --bench RESULTS.json", file=sys.stderr)
+        return 2
+    out = plot_runs([Path(d) for d in args.run_dirs], args.metric or DEFAULT_METRICS, Path(args.out or "runs.png"))
     if out is None:
         print(f"megalm: error: none of {args.run_dirs} logged any of {args.metric or DEFAULT_METRICS}", file=sys.stderr)
         return 1
@@ -212,16 +258,77 @@ def build_parser() -> argparse.ArgumentParser:
     for parser in csub.choices.values():
         parser.set_defaults(func=cmd_ckpt)
 
+    sp = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a prepared directory's "
+                                     "held-out split (any layout; under torchrun for several processes)")
+    sp.add_argument("ckpt", help="a run dir (its newest checkpoint) or a checkpoint directory")
+    sp.add_argument("--data", required=True, help="a prepared data directory (made with the checkpoint's tokenizer)")
+    sp.add_argument("--json", help="also write the results to this JSON file")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.micro_batch_size=4 "
+                                                 "data.eval_sequences=256 (default: the whole validation split)")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("finetune", help="adapt a checkpoint: classification (--task classify) or continued "
+                                         "pretraining on a domain corpus (--task lm)")
+    sp.add_argument("ckpt", help="a run dir (its newest checkpoint), a checkpoint directory, or an imported model")
+    sp.add_argument("--task", choices=["classify", "lm"], required=True)
+    sp.add_argument("--data", help="lm: a prepared data directory (prepared with the checkpoint's tokenizer)")
+    sp.add_argument("--train", help="classify: a .jsonl file of {text, label} records to train on")
+    sp.add_argument("--eval", help="classify: a .jsonl file of {text, label} records to score")
+    sp.add_argument("--keep-optimizer", action="store_true",
+                    help="lm: continue the checkpoint's Adam moments and step count, so the LR schedule goes on from "
+                         "its step (train.steps is then the step to end at), instead of fresh ones")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 train.run_dir=runs/ft")
+    sp.set_defaults(func=cmd_finetune)
+
+    sp = sub.add_parser("classify", help="predict labels with a fine-tuned classifier (megalm finetune --task classify)")
+    sp.add_argument("run_dir", help="the fine-tuning run dir (or one of its checkpoints)")
+    sp.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    sp.add_argument("--input", help="a .jsonl file of {text} records; predictions go to stdout as jsonl")
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=cmd_classify)
+
+    sp = sub.add_parser("finetune-example", help="write train.jsonl and eval.jsonl for --task classify: chunks of "
+                                                 "standard-library sources labelled by package (email, asyncio, "
+                                                 "multiprocessing), evaluation files unseen in training")
+    sp.add_argument("out_dir")
+    sp.add_argument("--min-chars", type=int, default=400, help="shortest chunk (whole lines)")
+    sp.add_argument("--max-chars", type=int, default=800, help="longest chunk")
+    sp.add_argument("--max-per-class", type=int, default=0,
+                    help="at most this many training chunks per label, a quarter as many for evaluation (0: all)")
+    sp.set_defaults(func=cmd_finetune_example)
+
     sp = sub.add_parser("slurm", help="run on a Slurm cluster: megalm slurm submit CONFIG --nodes N ...")
     sp.add_argument("action", choices=["submit"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="see megalm slurm submit --help")
     sp.set_defaults(func=cmd_slurm)
 
+    sp = sub.add_parser("plan", help="estimate per-GPU memory and step time of every parallel layout of a model "
+                                     "on N GPUs, and rank them")
+    sp.add_argument("config", help="run YAML, shipped run, or model preset (gpt2-125m, gpt-1.3b, ...)")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.precision=bf16 model.n_layers=32")
+    sp.add_argument("--gpu", default="h100-sxm", help="GPU type: a100-40gb, a100-80gb, h100-sxm, h100-pcie, h200, "
+                                                      "b200, l40s")
+    sp.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    sp.add_argument("--gpus-per-node", type=int, default=8)
+    sp.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: data.seq_len)")
+    sp.add_argument("--global-batch", type=int, default=0, help="sequences per step (default: train.global_batch)")
+    sp.add_argument("--efficiency", type=float, default=0.5, help="share of the dense peak the matmuls reach")
+    sp.add_argument("--intra-node-gbs", type=float, default=0.0, help="GB/s per GPU per direction in a node "
+                                                                      "(default: the GPU's NVLink/PCIe)")
+    sp.add_argument("--inter-node-gbs", type=float, default=0.0, help="GB/s per GPU per direction between nodes "
+                                                                      "(default: 50, 25 for A100/L40S)")
+    sp.add_argument("--vocab", type=int, default=50304, help="vocabulary size when the config leaves it to the tokenizer")
+    sp.add_argument("--top", type=int, default=10, help="layouts shown")
+    sp.add_argument("--json", help="also write every layout's estimate and inputs to this file")
+    sp.set_defaults(func=cmd_plan)
+
     sp = sub.add_parser("plot", help="curves of several runs on one figure (loss, throughput, MFU, memory)")
-    sp.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
+    sp.add_argument("run_dirs", nargs="*", help="run directories (each with metrics.jsonl)")
+    sp.add_argument("--bench", help="instead: a megalm bench train or kernels results JSON, drawn beside it (or to "
+                                    "--out): bars per variant, or throughput by size per op")
     sp.add_argument("--metric", action="append", help="a metrics.jsonl field to plot (repeatable; default: loss, "
                                                       "tokens_per_s, mfu, mem_peak_gb)")
-    sp.add_argument("--out", default="runs.png", help="the PNG to write")
+    sp.add_argument("--out", help="the PNG to write (default: runs.png; with --bench, beside the results)")
     sp.set_defaults(func=cmd_plot)
 
     sp = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
@@ -233,7 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so overrides after options
+    # (`megalm finetune CKPT --task classify ... train.steps=50`) come back unparsed
+    if extra and (not hasattr(args, "overrides") or any(item.startswith("-") for item in extra)):
+        parser.parse_args(argv)  # argparse's own message and exit
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from megalm.checkpoint.meta import CheckpointError
     from megalm.cluster.slurm import SlurmError
     from megalm.data.sources import DataError

@@ -59,6 +59,12 @@ class ModelConfig:
     name: str = field("custom", "a label for this architecture (set by presets)")
     style: Literal["gpt2", "llama"] = field(
         "gpt2", "gpt2: LayerNorm, learned positions, GELU, biases; llama: RMSNorm, RoPE, SwiGLU, no biases")
+    objective: Literal["causal", "masked"] = field(
+        "causal", "causal: next-token LM, left-to-right attention; masked: BERT-style masked LM, bidirectional attention")
+    mask_prob: float = field(0.15, "masked: share of the tokens chosen for prediction (special tokens never are)")
+    mask_token_share: float = field(0.8, "masked: of the chosen tokens, the share replaced by the mask token")
+    mask_random_share: float = field(0.1, "masked: of the chosen tokens, the share replaced by a random token "
+                                          "(the rest stay unchanged)")
     n_layers: int = field(4, "number of Transformer blocks")
     d_model: int = field(256, "hidden size")
     n_heads: int = field(4, "attention (query) heads")
@@ -184,6 +190,12 @@ class TrainConfig:
     async_save: bool = field(True, "write checkpoints in the background while training continues (false: wait for each)")
     resume: str = field("auto", "auto: from run_dir's newest valid checkpoint; never; or a checkpoint PATH to start "
                                 "from when run_dir has none of its own")
+    init_from: str = field("", "a run dir or checkpoint to take the weights from (any layout) when run_dir has no "
+                               "checkpoint of its own, with a fresh optimizer, LR schedule and data position "
+                               "(continued pretraining: megalm finetune --task lm)")
+    init_keep_optimizer: bool = field(False, "with init_from: also keep its Adam moments and its step count, so the "
+                                             "LR schedule goes on from its step (train.steps must exceed it); the "
+                                             "data position and random streams still start fresh")
     progress: bool = field(True, "show a progress bar on rank 0")
     wandb: WandbConfig = field(WandbConfig(), "Weights & Biases logging")
     profile: ProfileConfig = field(ProfileConfig(), "torch profiler traces of chosen steps (RUN_DIR/profile/)")
@@ -202,12 +214,25 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    task: Literal["none", "classify"] = field("none", "what the run fine-tunes for (megalm finetune sets it); none: "
+                                                      "pretraining")
+    init_from: str = field("", "the checkpoint whose weights fine-tuning starts from (megalm finetune sets it)")
+    train_file: str = field("", "classify: a .jsonl file of {text, label} records to train on")
+    eval_file: str = field("", "classify: a .jsonl file of {text, label} records scored every train.eval_every steps")
+    labels: list[str] = field([], "classify: the classes in the head's order (empty: the training file's, sorted)")
+    max_len: int = field(0, "classify: tokens per text, longer ones truncated (0: model.max_seq_len)")
+    epochs: float = field(0.0, "passes over the training set; when > 0 it decides train.steps")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(ModelConfig(), "the Transformer")
     data: DataConfig = field(DataConfig(), "preparing and streaming the corpus")
     parallel: ParallelConfig = field(ParallelConfig(), "the parallel layout")
     train: TrainConfig = field(TrainConfig(), "optimization, logging and checkpointing")
     slurm: SlurmConfig = field(SlurmConfig(), "Slurm jobs: requeue and signals (megalm slurm submit)")
+    finetune: FinetuneConfig = field(FinetuneConfig(), "fine-tuning a checkpoint (megalm finetune)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -401,6 +426,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model: RoPE needs an even head dim, got d_model/n_heads={m.head_dim}")
     if m.max_seq_len and m.max_seq_len < d.seq_len:
         raise ConfigError(f"model.max_seq_len: {m.max_seq_len} is shorter than data.seq_len={d.seq_len}")
+    if not 0.0 < m.mask_prob < 1.0:
+        raise ConfigError(f"model.mask_prob: must be in (0, 1), got {m.mask_prob}")
+    if m.mask_token_share < 0 or m.mask_random_share < 0 or m.mask_token_share + m.mask_random_share > 1:
+        raise ConfigError(f"model.mask_token_share, model.mask_random_share: need two non-negative shares summing to "
+                          f"at most 1, got {m.mask_token_share} and {m.mask_random_share}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if not 0.0 < d.val_fraction < 0.5:
@@ -422,6 +452,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.warmup_steps: {t.warmup_steps} leaves no decay in train.steps={t.steps}")
     if t.resume not in ("auto", "never") and not Path(t.resume).expanduser().exists():
         raise ConfigError(f"train.resume: {t.resume!r} is not auto, never, or an existing checkpoint path")
+    if t.init_from and not Path(t.init_from).expanduser().exists():
+        raise ConfigError(f"train.init_from: {t.init_from!r} does not exist")
+    if t.init_from and t.resume not in ("auto", "never"):
+        raise ConfigError(f"train.init_from: both it and train.resume={t.resume!r} say where a new run starts; "
+                          f"give init_from (weights, fresh optimizer) or resume (the whole run), not both")
+    if t.init_keep_optimizer and not t.init_from:
+        raise ConfigError("train.init_keep_optimizer: keeps the optimizer of train.init_from, which is not given")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction: must be in (0, 1], got {t.decay_fraction}")
     _validate_model_split(cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from megalm.checkpoint import catalog
+from megalm.checkpoint.meta import CheckpointError
 from megalm.checkpoint.shards import CheckpointReader
 from megalm.config import ModelConfig, from_dict
 from megalm.data.tokenizer import eot_id, load_tokenizer
@@ -24,6 +25,9 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Path
     """The model of a run dir's latest checkpoint (or of one checkpoint dir), in eval mode."""
     ckpt = catalog.resolve(path)
     meta = catalog.verify(ckpt, checksums=False)
+    if meta.config.get("finetune", {}).get("task", "none") != "none":
+        raise CheckpointError(f"{ckpt}: a fine-tuned {meta.config['finetune']['task']} model, not a language model; "
+                              f"use `megalm classify {ckpt.parent.parent}`")
     model = Transformer(from_dict(ModelConfig, meta.config["model"], "model"))
     model.load_state_dict(CheckpointReader(ckpt, meta).model_state())
     return model.to(device).eval(), ckpt
@@ -73,6 +77,10 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 def generate_text(path: str | Path, prompt: str, *, max_tokens: int = 100, temperature: float = 0.8,
                   top_k: int = 50, top_p: float = 0.95, seed: int = 0, device: str = "cpu") -> str:
     model, ckpt = load_model(path, device)
+    if model.cfg.objective != "causal":
+        raise CheckpointError(f"{ckpt}: a masked-LM model (model.objective={model.cfg.objective}) fills in masked "
+                              f"tokens from both sides; it does not predict the next token, so it cannot generate "
+                              f"text. Score it with `megalm eval`, or fine-tune it (`megalm finetune --task classify`)")
     tok = tokenizer_for(ckpt)
     new = sample(model, tok.encode(prompt).ids, max_tokens=max_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p, seed=seed, stop_id=eot_id(tok))

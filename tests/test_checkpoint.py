@@ -240,9 +240,10 @@ def test_continue_pretraining_an_imported_model_with_tensor_parallelism(data_dir
     from megalm.data.dataset import open_sources
     from megalm.data.loader import TrainLoader
     from megalm.generate import load_model
+    from megalm.train.objective import CausalLM
 
     loader = TrainLoader(open_sources(DataConfig(dir=str(data_dir), seq_len=32), 4), BatchLayout(4, 1, 4, 1), 0,
-                         num_workers=0)
+                         CausalLM(), num_workers=0)
     model, _ = load_model(imported)
     with torch.no_grad():
         expected = torch.stack([model(x, y) for x, y in next(loader).micro_batches]).mean().item()

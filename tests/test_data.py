@@ -25,6 +25,7 @@ from megalm.data.loader import TrainLoader, validation_sequences
 from megalm.data.manifest import DataManifest, PrepareSettings, ShardEntry
 from megalm.data.sources import DataError
 from megalm.parallel.tensor_parallel import IGNORE
+from megalm.train.objective import CausalLM
 from tests.helpers import CONFIG, TINY, run_megalm
 
 SEQ = 16
@@ -70,8 +71,8 @@ def loaders(cfg, batch, dp, micro=2, workers=0, state=None):
     for r in range(dp):
         per_rank = -(-batch // dp)
         mb = min(micro, per_rank)
-        it = TrainLoader(sources, BatchLayout(batch, dp, mb, -(-per_rank // mb)), r, num_workers=workers,
-                         on_bad_shard=cfg.on_bad_shard)
+        it = TrainLoader(sources, BatchLayout(batch, dp, mb, -(-per_rank // mb)), r, CausalLM(),
+                         num_workers=workers, on_bad_shard=cfg.on_bad_shard)
         if state is not None:
             it.load_state_dict(state)
         out.append(it)

@@ -62,9 +62,10 @@ def loader_rate(cfg, sources, workers: int, tokens: float) -> float:
     """Steady-state tokens/s of one rank's loader taking the whole global batch."""
     from megalm.config import batch_layout
     from megalm.data.loader import TrainLoader
+    from megalm.train.objective import CausalLM
 
     layout = batch_layout(cfg, 1)
-    loader = TrainLoader(sources, layout, 0, num_workers=workers, spool_dir=cfg.data.cache_dir)
+    loader = TrainLoader(sources, layout, 0, CausalLM(), num_workers=workers, spool_dir=cfg.data.cache_dir)
     per_step = layout.global_batch * (cfg.data.seq_len + 1)
     for _ in range(3 + 2 * workers):  # workers start, fill their prefetch queues
         next(loader)

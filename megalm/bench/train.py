@@ -5,7 +5,8 @@ Each variant (a name and overrides, e.g. ``--variant compiled:train.compile=true
 the first ``--warmup`` steps (start-up, compilation, allocator warm-up) are left out and the
 median of the rest is reported: tokens/s, TFLOP/s per GPU, MFU (against the GPU's dense peak;
 none on CPUs), peak memory and the step-time breakdown. Results go to
-``benchmarks/results/<device>/train.{json,md}`` with device, versions and commit.
+``benchmarks/results/<device>/train.{json,md}`` with device, versions and commit, and ``train.png``:
+bars of tokens/s, MFU and peak memory per variant.
 
     megalm bench train gpt2-125m.yaml --variant eager: --variant compiled:train.compile=true
 """
@@ -83,6 +84,8 @@ def summarize(name: str, overrides: list[str], rows: list[dict], warmup: int) ->
 def main(argv: list[str] | None = None) -> int:
     from megalm_kernels import benchmarking
 
+    from megalm.observe.plot import save_bench
+
     args = parse_args(argv)
     if args.steps <= args.warmup:
         raise SystemExit("megalm bench train: --steps must exceed --warmup")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                ("tflops_per_gpu", "TFLOP/s per GPU"), ("mfu", "MFU"), ("mem_peak_gb", "peak memory GB"),
                ("step_time_s", "step s"), ("breakdown", "step breakdown (median)")]
     out = benchmarking.results_dir(device, args.out)
-    paths = benchmarking.write_results(out, "train", meta, rows, columns)
+    paths = benchmarking.write_results(out, "train", meta, rows, columns, plot=save_bench)  # + train.png
     print(benchmarking.markdown_table(rows, columns))
     print(f"results in {paths['md']}")
     return 0

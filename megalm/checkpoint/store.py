@@ -15,7 +15,10 @@ With ``train.async_save=false`` the same work runs before ``save`` returns.
 
 Resuming (collective) takes the newest checkpoint whose files all verify (every rank checksums a
 share of them), checks that the model and tokenizer are the same, and puts every fragment back,
-reassembled for this run's layout when it differs from the saved one.
+reassembled for this run's layout when it differs from the saved one. A run that has no
+checkpoint of its own may instead start from another run's (``train.init_from``): its weights, and
+if asked its optimizer and step count, but never its data position (continued pretraining on other
+data). ``run_config`` builds such a run's config, and ``megalm eval``'s, from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from megalm.checkpoint import catalog
 from megalm.checkpoint.fragments import Fragment, adam_step, ensure_optimizer_state, local_slots
 from megalm.checkpoint.meta import CheckpointError, CheckpointMeta, FileEntry, Layout
 from megalm.checkpoint.shards import CheckpointReader, Staging, checksum, rank_index, write_file, write_rank
-from megalm.config import Config, ConfigError
+from megalm.config import Config, ConfigError, load_config
+from megalm.data.location import Location
 from megalm.data.tokenizer import load_tokenizer, tokenizer_hash
 from megalm.model.transformer import one_process_names
 from megalm.parallel.mesh import Mesh
@@ -51,7 +55,10 @@ log = logging.getLogger("megalm.checkpoint")
 TOKENIZER = "tokenizer.json"
 COMMIT_TIMEOUT_S = 3600  # how long rank 0 waits for the other ranks' files before giving up on a save
 # model fields a resumed run may change: they do not change the function the weights compute
-FREE_MODEL_KEYS = {"name", "dropout", "init_std", "kernels"}
+FREE_MODEL_KEYS = {"name", "dropout", "init_std", "kernels", "mask_prob", "mask_token_share", "mask_random_share"}
+STEP_PART = "train"  # the shared part whose state holds the step count (the trainer's TrainState)
+_LOADING = {"all": "resume: from", "optimizer": "init: weights, Adam moments and step count from",
+            "weights": "init: weights from"}  # what a log line says of each way to load a checkpoint
 
 
 class Stateful(Protocol):
@@ -190,30 +197,50 @@ class Checkpointer:
     # ------------------------------------------------------------------------------ resuming
 
     def resume(self) -> CheckpointMeta | None:
-        """Collective: restore the newest valid checkpoint (see ``train.resume``); returns its meta."""
-        mode = self.cfg.train.resume
-        candidates = [None]
-        if self.rank == 0 and mode != "never":
-            found = catalog.newest_first(self.root)
-            if not found and mode != "auto":
-                found = [catalog.resolve(mode)]
-            candidates = [found]
-        dist.broadcast_object_list(candidates, src=0)
-        candidates = candidates[0] or []
+        """Collective: restore the newest valid checkpoint (see ``train.resume``), or when the run
+        has none, start from ``train.init_from``; returns the meta of the checkpoint loaded."""
+        t = self.cfg.train
+        chosen = [None, None]  # checkpoints to resume from, newest first; the one to start from
+        if self.rank == 0:
+            found = catalog.newest_first(self.root) if t.resume != "never" else []
+            if not found and t.resume not in ("auto", "never"):
+                found = [catalog.resolve(t.resume)]
+            chosen = [found, catalog.resolve(t.init_from) if t.init_from and not found else None]
+        dist.broadcast_object_list(chosen, src=0)
+        candidates, init = chosen
         for ckpt in candidates:
             meta, problem = self._verified(ckpt)
             if problem:
                 log.warning("checkpoint: cannot resume from %s: %s; trying the previous one", ckpt.name, problem)
                 continue
-            self._check_compatible(ckpt, meta)
-            self._load(ckpt, meta)
+            self._check_compatible(ckpt, meta, "train.resume")
+            self._load(ckpt, meta, "all")
             if ckpt.parent == self.root:
                 self.protected.add(ckpt)
             return meta
         if candidates:
             raise CheckpointError(f"{self.root}: none of the {len(candidates)} checkpoints verifies (see above); "
                                   f"repair or remove them, or start over with train.resume=never")
+        if init is not None:
+            return self.load(init, "optimizer" if t.init_keep_optimizer else "weights", "train.init_from")
         return None
+
+    def load(self, ckpt: Path, keep: str, key: str) -> CheckpointMeta:
+        """Collective: put back ``keep`` of the checkpoint that config key ``key`` names: ``all``
+        (a resume: see ``_load``), ``optimizer`` (the weights, Adam's moments and step, and the step
+        count, so the LR schedule goes on from there; not the data position or the random streams)
+        or ``weights`` (fresh Adam moments, step 0)."""
+        meta, problem = self._verified(ckpt)
+        if problem:
+            raise CheckpointError(f"{key}: {ckpt} is damaged: {problem}")
+        self._check_compatible(ckpt, meta, key)
+        step = _step(meta)
+        if keep == "optimizer" and step >= self.cfg.train.steps:
+            raise ConfigError(f"train.steps: with train.init_keep_optimizer the step count goes on from {ckpt}'s "
+                              f"step {step}, and train.steps={self.cfg.train.steps} is the step to end at; give a "
+                              f"later one, e.g. train.steps={step + self.cfg.train.steps}")
+        self._load(ckpt, meta, keep)
+        return meta
 
     def _verified(self, ckpt: Path) -> tuple[CheckpointMeta | None, str | None]:
         """Collective: every rank checksums a share of the files; the first problem, if any."""
@@ -227,33 +254,43 @@ class Checkpointer:
         found = [p for part in everyone for p in part]
         return meta, (found[0] if found else None)
 
-    def _check_compatible(self, ckpt: Path, meta: CheckpointMeta) -> None:
-        """The model and the tokenizer must be the saved ones; other changes are listed."""
+    def _check_compatible(self, ckpt: Path, meta: CheckpointMeta, key: str) -> None:
+        """The model and the tokenizer must be the saved ones; a resume lists the other changes."""
         saved, now = _flatten(meta.config), _flatten(self.cfg.to_dict())
         differ = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
         shape = {k: v for k, v in differ.items() if k.startswith("model.") and k.split(".")[1] not in FREE_MODEL_KEYS}
         if shape:
-            raise ConfigError(f"train.resume: {ckpt} holds another model ("
+            free = ", ".join(f"model.{k}" for k in sorted(FREE_MODEL_KEYS))
+            fix = "resume with its model settings, or start a new run_dir" if key == "train.resume" else \
+                f"keep its model settings (only {free} may change)"
+            raise ConfigError(f"{key}: {ckpt} holds another model ("
                               + ", ".join(f"{k}={new!r} here, {old!r} there" for k, (old, new) in shape.items())
-                              + "); resume with its model settings, or start a new run_dir")
-        if tokenizer_hash(self.tokenizer) != meta.tokenizer_sha256:
-            raise ConfigError(f"train.resume: {ckpt} was trained with another tokenizer than {self.tokenizer}; "
-                              f"prepare the data with data.tokenizer={ckpt / TOKENIZER}")
-        if differ and meta.state and self.rank == 0:  # (a weights-only checkpoint has no run to compare with)
+                              + f"); {fix}")
+        check_tokenizer(ckpt, meta, tokenizer_hash(self.tokenizer), self.tokenizer, key)
+        if differ and meta.state and key == "train.resume" and self.rank == 0:  # (an imported model has no run)
             log.info("resume: config changes since %s: %s", ckpt.name,
                      "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differ.items()))
 
-    def _load(self, ckpt: Path, meta: CheckpointMeta) -> None:
+    def _load(self, ckpt: Path, meta: CheckpointMeta, keep: str) -> None:
+        """Put back ``keep`` of a verified checkpoint (see ``load``), reassembled for this layout."""
         reader = CheckpointReader(ckpt, meta)
         same = meta.layout == self.layout
         if self.rank == 0:
-            log.info("resume: from %s (step %d, layout %s%s)", ckpt, meta.step, meta.layout,
+            log.info("%s %s (step %d, layout %s%s)", _LOADING[keep], ckpt, meta.step, meta.layout,
                      "" if same else f", reassembled for {self.layout}")
-        ensure_optimizer_state(self.engine, reader.adam_step if meta.optimizer else 0)
+            if keep == "optimizer" and not meta.optimizer:
+                log.info("init: %s holds no optimizer state; Adam's moments start at zero", ckpt.name)
+        moments = meta.optimizer and keep != "weights"
+        ensure_optimizer_state(self.engine, reader.adam_step if moments else 0)
         for slot in local_slots(self.engine, self.mesh, self.names, saving=False):
             values = reader.local(slot.fragment.name, getattr(slot.p, "shard", None), self.mesh.tp_rank, self.mesh.tp)
-            slot.write(values[0], values[1:])  # without optimizer state (an imported model) the moments are zeros
-        self._restore_schedule(meta.state.get("train", {}).get("step", 0))
+            # without optimizer state (an imported model), or when not kept, the moments are zeros
+            slot.write(values[0], values[1:] if moments else [torch.zeros_like(v) for v in values[1:]])
+        self._restore_schedule(0 if keep == "weights" else _step(meta))
+        if keep == "optimizer" and STEP_PART in self.shared and STEP_PART in meta.state:
+            self.shared[STEP_PART].load_state_dict(meta.state[STEP_PART])
+        if keep != "all":
+            return
         for name, part in self.shared.items():
             if name in meta.state:
                 part.load_state_dict(meta.state[name])
@@ -277,6 +314,20 @@ class Checkpointer:
         sched.last_epoch, sched._step_count = step, step + 1
         for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(step)
+
+
+def _step(meta: CheckpointMeta) -> int:
+    """The optimizer steps the run that saved ``meta`` had taken (0 for an imported model)."""
+    return meta.state.get(STEP_PART, {}).get("step", 0)
+
+
+def check_tokenizer(ckpt: Path, meta: CheckpointMeta, data_hash: str, data_tokenizer: str | Path, key: str) -> None:
+    """The data (whose tokenizer ``data_tokenizer`` hashes to ``data_hash``) must be tokenized as
+    the checkpoint's model was trained: token ids mean nothing under another tokenizer."""
+    if data_hash != meta.tokenizer_sha256:
+        raise ConfigError(f"{key}: {ckpt} was trained with another tokenizer ({ckpt / TOKENIZER}) than the data's "
+                          f"({data_tokenizer}); prepare the data with the checkpoint's: megalm prepare "
+                          f"data.tokenizer={ckpt / TOKENIZER} data.source=... data.dir=...")
 
 
 def _remove(doomed: list[Path], keep_last: int, keep_every: int) -> None:
@@ -344,3 +395,27 @@ def save_weights(out: Path, cfg: Config, state: dict[str, torch.Tensor], tokeniz
         out.rmdir()
     os.replace(tmp, out)
     return out
+
+
+# the train.* keys that belong to the run that saved a checkpoint, not to a run starting from it
+RUN_OWN_KEYS = {"run_dir", "resume", "init_from", "init_keep_optimizer", "stop_at", "profile"}
+
+
+def run_config(ckpt: Path, data_dir: str, overrides: list[str]) -> Config:
+    """The config of a new run on checkpoint ``ckpt``'s model (``megalm finetune``, ``megalm eval``):
+    its model and its ``train.*`` settings but those in RUN_OWN_KEYS; ``data.dir`` with its sequence
+    length (at most the model's); the default parallel layout (the launch's); then ``overrides``.
+    The data must be prepared, with the checkpoint's tokenizer: checked here, before any process
+    group starts."""
+    meta = CheckpointMeta.read(ckpt)
+    saved = meta.config
+    model = saved["model"]
+    train = {k: v for k, v in saved["train"].items() if k not in RUN_OWN_KEYS}
+    seq_len = min(saved["data"]["seq_len"], model["max_seq_len"])
+    # JSON is YAML: the checkpoint's sections go through the overrides' one path of parsing and checking
+    cfg = load_config(None, [f"model={json.dumps(model)}", f"train={json.dumps(train)}",
+                             f"data.dir={json.dumps(str(data_dir))}", f"data.seq_len={seq_len}", *overrides])
+    d = cfg.data
+    manifest = Location(d.dir, d.shards, d.cache_dir).manifest()
+    check_tokenizer(ckpt, meta, manifest.tokenizer_hash, f"{d.dir}/{manifest.tokenizer}", "data.dir")
+    return cfg

@@ -237,9 +237,10 @@ class TrainLoader:
     the first ``next``).
     """
 
-    def __init__(self, sources: list[TrainSource], layout: BatchLayout, dp_rank: int, *, num_workers: int,
-                 on_bad_shard: str = "error", spool_dir: str | Path = ""):
+    def __init__(self, sources: list[TrainSource], layout: BatchLayout, dp_rank: int, objective, *,
+                 num_workers: int, on_bad_shard: str = "error", spool_dir: str | Path = ""):
         self.sources, self.layout, self.on_bad_shard = sources, layout, on_bad_shard
+        self.objective = objective  # megalm.train.objective: makes the inputs and labels
         self.rows = layout.rows(dp_rank)
         lane_of_row = [(s, lane) for s in sources for lane in range(s.lanes)]
         self._lanes = [(row, *lane_of_row[row]) for row in self.rows]
@@ -276,18 +277,15 @@ class TrainLoader:
             if chunk.valid is not None:
                 valid[local], holes = chunk.valid[i], True
             bad += chunk.bad_shards[i]
+        rows = torch.arange(self.rows.start, self.rows.start + need)  # padding rows run past this rank's: no matter
+        inputs, labels = self.objective.examples(tokens, valid if n < need or holes else None, self.step, rows)
         self.step += 1
-        labels = tokens[:, 1:] if n == need and not holes else torch.where(valid[:, 1:], tokens[:, 1:], IGNORE)
-        mb = self.layout.micro_batch_size
+        counted = (labels[:n] != IGNORE).sum(dim=1).tolist()
         by_source = [0] * len(self.sources)
-        if holes:
-            for (_, source, _), row_valid in zip(self._lanes, valid[:n, 1:]):
-                by_source[source.index] += int(row_valid.sum())
-        else:
-            for _, source, _ in self._lanes:
-                by_source[source.index] += seq - 1
-        return Step(list(zip(tokens[:, :-1].split(mb), labels.split(mb))), tokens[:n], sum(by_source), by_source,
-                    bad)
+        for (_, source, _), count in zip(self._lanes, counted):
+            by_source[source.index] += count
+        mb = self.layout.micro_batch_size
+        return Step(list(zip(inputs.split(mb), labels.split(mb))), tokens[:n], sum(by_source), by_source, bad)
 
     def _next_chunks(self) -> list[tuple[_Chunk, int]]:
         """Each worker's chunk holding this step, and the step's index in it. The DataLoader hands

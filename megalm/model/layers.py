@@ -17,8 +17,8 @@ from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
 from megalm.parallel.tensor_parallel import (
-    ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding, init_layer, parameter,
-    residual_std, vocab_parallel_cross_entropy)
+    IGNORE, ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding, init_layer, parameter,
+    residual_std, vocab_parallel_argmax, vocab_parallel_cross_entropy)
 
 
 class Norm(nn.Module):
@@ -58,7 +58,8 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, split by heads over tensor-parallel ranks.
+    """Self-attention with grouped-query heads, split by heads over tensor-parallel ranks: causal
+    for next-token models, bidirectional for masked ones (``model.objective``).
 
     Query heads are always split. Key/value heads are split too when there are at least as many
     as ranks; otherwise (e.g. multi-query attention) every rank holds all of them, computes them,
@@ -69,6 +70,7 @@ class Attention(nn.Module):
         super().__init__()
         bias = cfg.style == "gpt2"
         self.tp, self.impl, self.head_dim = tp, cfg.kernels.attention, cfg.head_dim
+        self.causal = cfg.objective == "causal"
         self.local_heads = cfg.n_heads // tp.size
         self.split_kv = cfg.kv_heads % tp.size == 0
         kv_width = cfg.kv_heads * cfg.head_dim
@@ -104,20 +106,25 @@ class Attention(nn.Module):
             heads = 1
         return (k.view(b, t, heads, self.head_dim).transpose(1, 2), v.view(b, t, heads, self.head_dim).transpose(1, 2))
 
-    def _core(self, q, k, v):
+    def _core(self, q, k, v, padding=None):
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        return megalm_kernels.attention(q, k, v, causal=True, impl=self.impl)
+        if padding is not None and not self.causal:
+            # Bidirectional attention over right-padded rows must not look at the padding; the fused
+            # kernels take no mask, so SDPA's masked path runs (task heads only, never pretraining).
+            keep = ~padding[:, None, None, :]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=q.shape[1] != k.shape[1])
+        return megalm_kernels.attention(q, k, v, causal=self.causal, impl=self.impl)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
         x = self.tp.enter(x)
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.local_heads, self.head_dim).transpose(1, 2)
         k, v = self._keys_values(x)
         if self.selective_checkpoint and torch.is_grad_enabled():
-            y = checkpoint(self._core, q, k, v, use_reentrant=False)
+            y = checkpoint(self._core, q, k, v, padding, use_reentrant=False)
         else:
-            y = self._core(q, k, v)
+            y = self._core(q, k, v, padding)
         y = y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)
         return self.dropout(self.out(y))
 
@@ -180,14 +187,15 @@ class Block(nn.Module):
         self.attn.selective_checkpoint = checkpointing == "selective"
         init_layer(self, layer_id, seed, tp)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def _forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), padding)
         return x + self.mlp(self.mlp_norm(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """``padding`` (B, T), True at right-padding positions, matters to bidirectional attention only."""
         if self.full_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+            return checkpoint(self._forward, x, padding, use_reentrant=False)
+        return self._forward(x, padding)
 
 
 class FinalNorm(nn.Module):
@@ -214,18 +222,25 @@ class Head(nn.Module):
 
 
 class LossFunction:
-    """Next-token cross-entropy on vocabulary-parallel logits (also a pipeline's ``loss_fn``).
+    """Cross-entropy on vocabulary-parallel logits (also a pipeline's ``loss_fn``), against labels
+    already aligned with the inputs (next tokens, or masked tokens: megalm.train.objective).
 
     ``reduction`` "mean" averages over the labels that count; "sum" adds them up, times ``scale``.
     Training uses the scaled sum: with ``scale = dp * grad_accum / (labels counted in the global
     batch)`` DeepSpeed's averaging over micro-batches and ranks yields the exact mean over the global
-    batch, however the counted labels are spread (padding, masked objectives, skipped shards)."""
+    batch, however the counted labels are spread (padding, masked objectives, skipped shards).
+
+    While ``correct`` is a tensor (evaluation sets it), the labels predicted exactly are added to it:
+    inside the loss is the one place every layout, the pipeline's included, has the logits."""
 
     def __init__(self, tp: TPContext):
         self.tp = tp
         self.reduction = "mean"
         self.scale: torch.Tensor | float = 1.0
+        self.correct: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.correct is not None:
+            self.correct += ((vocab_parallel_argmax(logits, self.tp) == labels) & (labels != IGNORE)).sum()
         loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.reduction)
         return loss if self.reduction == "mean" else loss * self.scale

@@ -37,18 +37,25 @@ class Transformer(nn.Module):
         self.loss_fn = LossFunction(self.tp)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token loss given labels; otherwise the full logits (gathered over tensor ranks)."""
+        """The loss given labels (see LossFunction); otherwise the full logits (gathered over tensor ranks)."""
+        x = self.hidden_states(input_ids)
+        logits = self.embed.logits(x) if self.head is None else self.head(x)
+        if labels is None:
+            return gather_vocab(logits, self.tp)
+        return self.loss_fn(logits, labels)
+
+
+    def hidden_states(self, input_ids: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states (B, T, d_model), what the LM head and task heads read (with
+        sequence parallelism, this rank's slice of the sequence). ``padding`` (B, T) marks right
+        padding, which bidirectional (masked-LM) attention must not attend to."""
         t = input_ids.shape[1]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
-        logits = self.embed.logits(x) if self.head is None else self.head(x)
-        if labels is None:
-            return gather_vocab(logits, self.tp)
-        return self.loss_fn(logits, labels)
+            x = block(x, padding)
+        return self.norm(x)
 
 
 def layer_ids(cfg: ModelConfig) -> dict[str, int]:

@@ -13,6 +13,7 @@ import resource
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import xxhash
 
@@ -65,25 +66,33 @@ def _start_wandb(cfg: Config, run_dir: Path):
 
 
 class ProgressBar:
-    """A console bar with step, loss, lr, tokens/s and ETA (rank 0, when train.progress is on)."""
+    """A console bar with step, loss, lr, tokens/s, MFU (where the GPU's peak is known) and ETA (rank 0,
+    when train.progress is on)."""
 
     def __init__(self, total: int, start: int, enabled: bool):
         self.bar = None
         if enabled:
             self.bar = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"
+                           "{task.fields[mfu]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), refresh_per_second=4)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", mfu="")
             self.bar.start()
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None = None) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tokens_per_s:,.0f}")
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tokens_per_s:,.0f}",
+                            mfu=bar_mfu(mfu))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def bar_mfu(mfu: float | None) -> str:
+    """The progress bar's MFU field: nothing where it is unknown (CPUs, GPUs not in megalm's table)."""
+    return "" if mfu is None else f"  MFU {100 * mfu:.1f}%"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -132,6 +141,13 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def memory_in_use_gb() -> float:
+    """This process's memory now, measured as ``peak_memory_gb`` is: allocated on a GPU, resident on a CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.memory_allocated() / 1e9
+    return psutil.Process().memory_info().rss / 1e9
 
 
 def data_hash(micro_batches: list[torch.Tensor]) -> int:

@@ -1,8 +1,11 @@
-"""Curves people would rather see than read: ``loss.png`` of a run, and ``megalm plot`` of several
-runs' metrics on one figure (one panel per metric, one line per run)."""
+"""Curves people would rather see than read: ``loss.png`` of a run, ``megalm plot`` of several
+runs' metrics on one figure (one panel per metric, one line per run), and the figures of benchmark
+results (``megalm plot --bench``): kernel throughput against size, one panel per op and pass, one line
+per implementation; ``megalm bench train``'s variants as bars of tokens/s, MFU and peak memory."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from megalm.observe.metrics import read_metrics
@@ -30,13 +33,8 @@ def figure(runs: dict[Path, list[dict]], metrics: list[str], title: str = ""):
     shown = [m for m in metrics if any(r.get(m) is not None for rows in runs.values() for r in rows)]
     if not shown:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(shown), 1, figsize=(7, 3.2 * len(shown)), squeeze=False, sharex=True)
-    for ax, metric in zip(axes[:, 0], shown):
+    fig, axes = _panels(len(shown), sharex=True)
+    for ax, metric in zip(axes, shown):
         for run_dir, rows in runs.items():
             points = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
             if points:
@@ -47,12 +45,111 @@ def figure(runs: dict[Path, list[dict]], metrics: list[str], title: str = ""):
         ax.set_ylabel(LABELS.get(metric, metric))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[-1, 0].set_xlabel("step")
-    axes[0, 0].set_title(title or ", ".join(d.name for d in runs))
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(title or ", ".join(d.name for d in runs))
     fig.tight_layout()
     return fig
+
+
+def _panels(count: int, sharex: bool = False):
+    """A figure of ``count`` panels stacked, in the style of every megalm figure; (figure, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(count, 1, figsize=(7, 3.2 * count), squeeze=False, sharex=sharex)
+    return fig, list(axes[:, 0])
 
 
 def plot_loss(run_dir: Path) -> Path | None:
     """loss.png: training loss per logged step, validation loss per evaluation."""
     return plot_runs([run_dir], ["loss"], run_dir / "loss.png", title=run_dir.name)
+
+
+# ------------------------------------------------------------------------------ benchmarks
+
+TRAIN_BARS = [("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("mem_peak_gb", "peak memory (GB)")]
+KERNEL_SIZES = ("seq", "hidden")  # the x axis: attention by sequence length, norms by hidden size
+KERNEL_VARIANT = ("head_dim", "causal", "gqa")  # what else tells an attention row's line apart
+
+
+def plot_bench(results: Path, out: Path | None = None) -> Path:
+    """The figure of a ``megalm bench train`` or kernels result file, written beside it (``out``:
+    elsewhere). Raises ValueError for results of another benchmark."""
+    data = json.loads(Path(results).read_text())
+    out = Path(out) if out else Path(results).with_suffix(".png")
+    try:
+        save_bench(data["rows"], out, data["meta"])
+    except ValueError as e:
+        raise ValueError(f"{results}: {e}") from None
+    return out
+
+
+def save_bench(rows: list[dict], out: Path, meta: dict) -> None:
+    """Draw benchmark rows to ``out`` (also the ``plot`` hook of megalm_kernels.benchmarking.write_results)."""
+    import matplotlib.pyplot as plt
+
+    if rows and "variant" in rows[0]:
+        fig = train_bench_figure(rows, meta)
+    elif rows and "op" in rows[0]:
+        fig = kernel_bench_figure(rows, meta)
+    else:
+        raise ValueError("neither bench train nor bench kernels results; nothing to plot")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _bench_title(meta: dict) -> str:
+    return f"{meta['device']} · torch {meta['torch']} · {str(meta.get('git_commit', ''))[:12]}"
+
+
+def train_bench_figure(rows: list[dict], meta: dict):
+    """One bar per variant in each panel: tokens/s, MFU (left out where no variant has one: CPUs),
+    peak memory."""
+    shown = [(key, label) for key, label in TRAIN_BARS if any(r.get(key) is not None for r in rows)]
+    fig, axes = _panels(len(shown), sharex=True)
+    names = [r["variant"] for r in rows]
+    for ax, (key, label) in zip(axes, shown):
+        values = [r.get(key) or 0.0 for r in rows]
+        bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(rows))])
+        ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_title(f"bench train {meta.get('config', '')}: {_bench_title(meta)}")
+    fig.tight_layout()
+    return fig
+
+
+def kernel_bench_figure(rows: list[dict], meta: dict):
+    """Throughput against size, one panel per op and pass (forward, forward + backward), one line per
+    implementation (and, for attention, per head dim, causal mask and grouped-query ratio)."""
+    panels: dict[tuple[str, str], dict[str, list]] = {}
+    for row in rows:
+        variant = " ".join(_variant_label(k, row[k]) for k in KERNEL_VARIANT if k in row)
+        line = f"{row['impl']} {variant}".strip()
+        panels.setdefault((row["op"], row["mode"]), {}).setdefault(line, []).append(row)
+    fig, axes = _panels(len(panels))
+    for ax, ((op, mode), lines) in zip(axes, sorted(panels.items())):
+        first = next(iter(lines.values()))[0]
+        size = next(k for k in KERNEL_SIZES if k in first)
+        for label, points in sorted(lines.items()):
+            points = sorted(points, key=lambda r: r[size])
+            ax.plot([r[size] for r in points], [r["rate"] for r in points], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length" if size == "seq" else "hidden size")
+        ax.set_ylabel(first["unit"])
+        ax.set_title(f"{op}, {mode}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"bench kernels: {_bench_title(meta)}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above the panels
+    return fig
+
+
+def _variant_label(key: str, value) -> str:
+    if key == "head_dim":
+        return f"d{value}"
+    if key == "causal":
+        return "causal" if value else ""
+    return f"gqa{value}" if value > 1 else ""

@@ -348,6 +348,21 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp
     return losses.sum() if reduction == "sum" else losses.sum() / valid.sum()
 
 
+@torch.no_grad()
+def vocab_parallel_argmax(logits: torch.Tensor, tp: TPContext) -> torch.Tensor:
+    """The most likely token id over the whole vocabulary from this rank's slice of the logits."""
+    best, index = logits.max(dim=-1)
+    if tp.size == 1:
+        return index
+    index = index + tp.rank * logits.shape[-1]
+    bests = [torch.empty_like(best) for _ in range(tp.size)]
+    indices = [torch.empty_like(index) for _ in range(tp.size)]
+    dist.all_gather(bests, best.contiguous(), group=tp.mesh.tp_group)
+    dist.all_gather(indices, index.contiguous(), group=tp.mesh.tp_group)
+    winner = torch.stack(bests).argmax(dim=0, keepdim=True)  # the first rank wins ties, as one argmax would
+    return torch.stack(indices).gather(0, winner).squeeze(0)
+
+
 def gather_vocab(logits: torch.Tensor, tp: TPContext) -> torch.Tensor:
     """Full logits from vocabulary shards (evaluation and sampling; not differentiable)."""
     if tp.size == 1:

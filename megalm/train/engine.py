@@ -46,13 +46,17 @@ def build_model(cfg: Config, mesh: Mesh) -> nn.Module:
         model = Transformer(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
                             checkpointing=p.activation_checkpointing)
     if cfg.train.compile:
-        # Block by block: the blocks are where the time goes, and a graph per block leaves the
-        # embedding, the vocabulary-parallel loss and DeepSpeed's hooks outside the compiler.
-        blocks = [m for m in model.modules() if isinstance(m, Block)]
-        for block in blocks:
-            block.compile()
-        log.info("compile: torch.compile on %d Transformer blocks (compiled at their first call)", len(blocks))
+        compile_blocks(model)
     return model
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile block by block: the blocks are where the time goes, and a graph per block
+    leaves the embedding, the vocabulary-parallel loss and DeepSpeed's hooks outside the compiler."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    log.info("compile: torch.compile on %d Transformer blocks (compiled at their first call)", len(blocks))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

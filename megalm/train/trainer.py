@@ -29,14 +29,16 @@ from megalm.data.loader import Step, TrainLoader, validation_sequences
 from megalm.data.prepare import ensure_prepared
 from megalm.model.transformer import parameter_count
 from megalm.observe.flops import flops_per_token, mfu, peak_tflops
-from megalm.observe.metrics import MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after, peak_memory_gb
+from megalm.observe.metrics import (MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after,
+                                    memory_in_use_gb, peak_memory_gb)
 from megalm.observe.plot import plot_loss
 from megalm.observe.profile import StepProfiler
 from megalm.observe.timing import PhaseTimer
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
-from megalm.train.evaluate import evaluate
+from megalm.train.evaluate import score
+from megalm.train.objective import build_objective
 from megalm.train.preemption import StopFlag
 from megalm.train.state import RNGState, TrainState
 from megalm.train.watchdog import VERDICT_FILE, Watchdog
@@ -59,13 +61,14 @@ class Summary:
 class Trainer:
     def __init__(self, cfg: Config):
         self.t_start = time.time()
-        self.world, self.mesh = self._start_world(cfg)
+        self.world, self.mesh = self.start_world(cfg)
         self.cfg, self.sources = self._prepare_data(cfg)
         self.manifest = self.sources[0].manifest
         self.tokenizer = self.sources[0].location.local_file(self.manifest.tokenizer)
         self.run_dir = self._make_run_dir()
         self.batch = batch_layout(self.cfg, self.mesh.dp)
         self.engine = self._build_engine()
+        self.objective = build_objective(self.cfg, self.tokenizer)  # next-token or masked: inputs and labels
         self.state, self.rng, self.loader = TrainState(), RNGState(), self._build_loader()
         self.val = validation_sequences(self.sources, self.cfg.data.eval_sequences, self.loader.spool)
         self.checkpointer = self._build_checkpointer()
@@ -88,7 +91,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ set-up
 
-    def _start_world(self, cfg: Config):
+    @staticmethod
+    def start_world(cfg: Config):
+        """Join the launch's processes and lay them out as the 3D mesh (``megalm eval`` starts the same way)."""
         validate(cfg, launched_world_size())  # layout errors surface before any process group starts
         world = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank)
@@ -113,6 +118,7 @@ class Trainer:
 
     def _build_engine(self):
         RNGState.seed(self.cfg.train.seed)  # dropout; weights are seeded per layer (tensor_parallel.init_layer)
+        self.mem_base_gb = memory_in_use_gb()  # peak minus this: what the model and its training add (megalm plan)
         engine = build_engine(self.cfg, build_model(self.cfg, self.mesh), self.mesh)
         m = self.cfg.model
         if self.world.is_main:
@@ -122,7 +128,7 @@ class Trainer:
 
     def _build_loader(self) -> TrainLoader:
         d = self.cfg.data
-        return TrainLoader(self.sources, self.batch, self.mesh.dp_rank, num_workers=d.num_workers,
+        return TrainLoader(self.sources, self.batch, self.mesh.dp_rank, self.objective, num_workers=d.num_workers,
                            on_bad_shard=d.on_bad_shard, spool_dir=d.cache_dir)
 
     def _build_checkpointer(self) -> Checkpointer:
@@ -215,21 +221,23 @@ class Trainer:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": self.state.tokens, "tokens_per_s": tokens_per_s, "step_time_s": step_time_s,
             "tflops_per_gpu": tflops, "mfu": mfu(tflops, self.peak_tflops), "mem_peak_gb": peak_memory_gb(),
-            "data_hash": batch_hash, "data_wait_s": data_wait.item(),
+            "mem_base_gb": self.mem_base_gb, "data_hash": batch_hash, "data_wait_s": data_wait.item(),
             "data_wait_fraction": data_wait.item() / interval_s, "bad_shards": self.state.bad_shards,
             "tokens_by_source": dict(self.state.tokens_by_source),
             "step_breakdown_s": dict(self.timer.seconds),
         })
-        bar.update(self.state.step, loss, lr, tokens_per_s)
+        bar.update(self.state.step, loss, lr, tokens_per_s, mfu(tflops, self.peak_tflops))
 
     def evaluate(self) -> float:
-        """Collective: validation loss, written to the metrics."""
+        """Collective: validation loss (and for masked LM the masked-token accuracy), written to the metrics."""
         self.watchdog.progress(self.state.step, "evaluation")
-        val_loss = evaluate(self.engine, self.val, self.mesh, self.cfg.train.micro_batch_size, self.world.device)
-        self.sink.write({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val_loss,
-                         "val_ppl": math.exp(val_loss)})
+        masked = self.objective.masked
+        val = score(self.engine, self.val, self.mesh, self.cfg.train.micro_batch_size, self.world.device,
+                    self.objective, accuracy=masked)
+        self.sink.write({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val.loss,
+                         "val_ppl": math.exp(val.loss), **({"val_accuracy": val.accuracy} if masked else {})})
         self.throughput.rate()  # evaluation time is not training throughput
-        return val_loss
+        return val.loss
 
     def save(self) -> Path:
         """Collective: a checkpoint of the engine and every stateful part."""

@@ -1,0 +1,166 @@
+"""Labelled texts for classification: reading ``{text, label}`` jsonl, tokenizing, and the training
+set's global batches in a seeded, resumable order.
+
+A text becomes at most ``max_len`` token ids, right-padded with ``PAD`` (-1, never a token id); the
+classifier reads where each text ends off the ids. The training order is a fresh permutation of the
+set per epoch, drawn from the seed, and the loader's whole state is how many examples it has handed
+out: after a resume the next global batch is the one an uninterrupted run takes, whatever the
+number of data-parallel ranks (the global batch is the invariant, as in pretraining).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+from tokenizers import Tokenizer
+
+from megalm.config import BatchLayout
+from megalm.data.sources import DataError
+from megalm.parallel.tensor_parallel import IGNORE
+
+PAD = -1  # token id of the padding after a text's end
+
+
+@dataclass(frozen=True)
+class Record:
+    text: str
+    label: str | None  # None: unlabelled (prediction input)
+    path: Path
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def read_records(path: str | Path, need_label: bool = True) -> list[Record]:
+    """The records of a jsonl file; a bad line is a DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected .jsonl records with fields text and label)")
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(_record(line, path, number, need_label))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    if not records:
+        raise DataError(f"{path}: holds no records (expected one JSON object per line with text and label)")
+    return records
+
+
+def _record(line: str, path: Path, number: int, need_label: bool) -> Record:
+    where = f"{path}:{number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with fields text and label")
+    text, label = row.get("text"), row.get("label")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: no text (expected a non-empty string field \"text\")")
+    if label is None and need_label:
+        raise DataError(f"{where}: no label (expected a field \"label\")")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+        raise DataError(f"{where}: label {label!r} is neither a string nor an integer")
+    return Record(text, None if label is None else str(label), path, number)
+
+
+def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
+    """Token ids (N, T) of the texts, each cut to ``max_len`` and right-padded with PAD to the
+    longest of them."""
+    ids = [e.ids[:max_len] for e in tok.encode_batch_fast(texts)]
+    out = torch.full((len(ids), max(map(len, ids))), PAD, dtype=torch.int64)
+    for row, seq in zip(out, ids):
+        row[:len(seq)] = torch.tensor(seq, dtype=torch.int64)
+    return out
+
+
+def trim(ids: torch.Tensor) -> torch.Tensor:
+    """Drop the trailing columns that are padding in every row (less work, the same result)."""
+    return ids[:, :max(1, int((ids != PAD).sum(1).max()))]
+
+
+@dataclass
+class LabelledSet:
+    ids: torch.Tensor  # (N, T) token ids, PAD after each text
+    labels: torch.Tensor  # (N,) index into the run's label list
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        return xxhash.xxh3_64_hexdigest(self.ids.numpy().tobytes() + self.labels.numpy().tobytes())
+
+
+def labelled_set(records: list[Record], tok: Tokenizer, labels: list[str], max_len: int) -> LabelledSet:
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = next((r for r in records if r.label not in index), None)
+    if unknown is not None:
+        raise DataError(f"{unknown.where}: label {unknown.label!r} is not one of the run's labels {labels} "
+                        f"(those of the training file, or finetune.labels)")
+    return LabelledSet(encode_texts(tok, [r.text for r in records], max_len),
+                       torch.tensor([index[r.label] for r in records], dtype=torch.int64))
+
+
+class ClassifyLoader:
+    """This rank's micro-batches of each global batch of the training set (stateful: the position)."""
+
+    def __init__(self, data: LabelledSet, layout: BatchLayout, dp_rank: int, seed: int):
+        self.data, self.layout, self.dp_rank, self.seed = data, layout, dp_rank, seed
+        self.position = 0  # examples handed out so far, over all ranks and epochs
+        self._epoch, self._order = -1, np.zeros(0, np.int64)
+
+    @property
+    def epoch(self) -> float:
+        return self.position / len(self.data)
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids, labels) micro-batches: this rank's rows of the next global batch, then rows that
+        carry no loss (label IGNORE) where the data-parallel ranks do not split it evenly."""
+        picked = self._next_global_batch()
+        rows = self.layout.rows(self.dp_rank)
+        mine = picked[rows.start:rows.stop]
+        ids, labels = self.data.ids[mine], self.data.labels[mine]
+        fill = self.layout.micro_batch_size * self.layout.grad_accum - len(mine)
+        if fill:
+            ids = torch.cat([ids, self.data.ids[:1].expand(fill, -1)])
+            labels = torch.cat([labels, torch.full((fill,), IGNORE, dtype=labels.dtype)])
+        size = self.layout.micro_batch_size
+        return [(trim(i), y) for i, y in zip(ids.split(size), labels.split(size))]
+
+    def _next_global_batch(self) -> torch.Tensor:
+        """The next ``global_batch`` example indices of the epochs' permutations, one after another."""
+        n, picked = len(self.data), []
+        while sum(map(len, picked)) < self.layout.global_batch:
+            epoch, offset = divmod(self.position, n)
+            if epoch != self._epoch:
+                self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(n)
+            take = min(self.layout.global_batch - sum(map(len, picked)), n - offset)
+            picked.append(self._order[offset:offset + take])
+            self.position += take
+        return torch.from_numpy(np.concatenate(picked))
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, **self._identity()}
+
+    def _identity(self) -> dict:
+        """What the order depends on besides the position: a resume must keep it."""
+        return {"examples": len(self.data), "fingerprint": self.data.fingerprint(), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        ours = self._identity()
+        for key, theirs in ((k, state.get(k)) for k in ours):
+            if theirs != ours[key]:
+                raise DataError(f"finetune: the checkpoint's data position is for {key}={theirs}, this run has "
+                                f"{ours[key]}; resume with the same training file, finetune.max_len and data.seed, "
+                                f"or start a new train.run_dir")
+        self.position = int(state["position"])

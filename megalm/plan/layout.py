@@ -1,0 +1,81 @@
+"""The parallel layouts a run could use: one ``Layout`` is (tp, pp, dp, micro-batch, ZeRO stage,
+activation checkpointing, sequence parallelism), and ``layouts`` lists every one megalm would accept
+for a model on a cluster, by the same checks ``megalm train`` makes before it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalm.config import Config, ConfigError, _validate_model_split, batch_layout
+
+CHECKPOINTING = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    zero: int
+    checkpointing: str
+    sequence_parallel: bool
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def overrides(self) -> list[str]:
+        """The command-line overrides that give a run this layout."""
+        return [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"train.micro_batch_size={self.micro_batch}",
+                f"train.zero_stage={self.zero}", f"parallel.activation_checkpointing={self.checkpointing}",
+                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}"]
+
+    def apply(self, cfg: Config) -> Config:
+        """``cfg`` with this layout."""
+        cfg = cfg.replace("parallel", tp=self.tp, pp=self.pp, dp=self.dp, sequence_parallel=self.sequence_parallel,
+                          activation_checkpointing=self.checkpointing)
+        return cfg.replace("train", micro_batch_size=self.micro_batch, zero_stage=self.zero)
+
+    def micro_batches(self, cfg: Config) -> int:
+        """Micro-batches per rank per step (the gradient accumulation steps)."""
+        return batch_layout(self.apply(cfg), self.dp).grad_accum
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> tuple[list[Layout], dict[str, tuple[int, str]]]:
+    """Every layout of ``gpus`` GPUs that megalm accepts for ``cfg``'s model, sequence length and global
+    batch; and the refused ones, by the key their check names: (how many, one of the messages).
+    Tensor parallelism stays inside a node; micro-batches are powers of two up to the per-rank batch."""
+    found, refused = [], {}
+
+    def refuse(key: str, message: str) -> None:
+        count, first = refused.get(key, (0, message))
+        refused[key] = (count + 1, first)
+
+    for tp in divisors(gpus_per_node):
+        for pp in divisors(gpus // tp) if gpus % tp == 0 else []:
+            dp = gpus // (tp * pp)
+            if dp > cfg.train.global_batch:
+                refuse("parallel.dp", f"dp={dp} ranks would get no sequence of a global batch of "
+                                      f"{cfg.train.global_batch}")
+                continue
+            per_rank = -(-cfg.train.global_batch // dp)
+            micros = [2**i for i in range(per_rank.bit_length()) if 2**i <= per_rank]
+            for micro in micros:
+                for zero in range(4):
+                    for checkpointing in CHECKPOINTING:
+                        for sp in (False, True) if tp > 1 else (False,):
+                            layout = Layout(tp, pp, dp, micro, zero, checkpointing, sp)
+                            try:
+                                _validate_model_split(layout.apply(cfg))
+                            except ConfigError as e:
+                                refuse(str(e).partition(":")[0], str(e))
+                                continue
+                            found.append(layout)
+    return found, refused
+

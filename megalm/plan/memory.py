@@ -1,0 +1,286 @@
+"""Per-GPU memory of a training layout, from the config alone: what megalm's layers save for backward
+and what the DeepSpeed optimizer path our engine takes keeps, at the moment a step peaks.
+
+Counted, for the most loaded pipeline stage (bytes; GB = 1e9 bytes, as ``mem_peak_gb``):
+
+- weights, gradients, fp32 master weights and AdamW's two fp32 moments, as the DeepSpeed 0.19 path
+  for the precision and ZeRO stage keeps them (``model_state``; torch's AdamW, ``torch_adam: true``);
+- DeepSpeed's gradient reduction buffers: the ZeRO reduce bucket (500M elements, allocated whole on a
+  GPU) and ZeRO-3's gathered parameters (it keeps a parameter gathered when it is used again within
+  1e9 elements, so backward finds the last ~5e8 elements of each stage still whole);
+- activations saved for backward, from megalm's layers (``saved_per_layer``), times the micro-batches
+  in flight (1F1B: pp - stage on stage ``stage``, so pp on the first);
+- the transients of the three moments a step can peak at: the start of backward (all activations,
+  plus the loss's vocabulary-sized fp32 buffers or one block's recomputation with full
+  checkpointing), the end of backward (the flattened gradients DeepSpeed all-reduces) and the
+  optimizer step (fp32 gradient copies, the temporaries of torch's multi-tensor AdamW).
+
+Not counted: the CUDA context, NCCL buffers and cuBLAS workspaces (a fixed
+``hardware.CUDA_OVERHEAD_GB`` per GPU, and ``hardware.ALLOCATABLE_SHARE`` for fragmentation, decide
+what fits); the data loader, evaluation and checkpoint staging (host memory); torch.compile's
+workspaces; ZeRO-3's prefetch bucket and the small parameters it keeps whole (norms, biases); and
+items under 1% (token ids, RoPE tables, per-token scalars of the loss).
+
+On a CPU (``device="cpu"``, used to check the model against measured runs) there is no CUDA
+overhead; only the touched pages of DeepSpeed's reduce bucket are resident; torch's AdamW loops over
+tensors (no multi-tensor temporaries); torch's RMSNorm saves its normalized input too, and SDPA returns
+RoPE attention in (batch, head, token) order, so its output is copied before the output projection.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from megalm.config import Config, ModelConfig
+from megalm.plan.layout import Layout
+
+GB = 1e9
+BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements); also the gradient flattening chunk
+ZERO3_GATHERED = 500_000_000  # ZeRO-3 keeps params reused within max_reuse_distance (1e9) elements: ~half
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage on one tensor-parallel rank: its parameters and what it runs."""
+
+    index: int
+    params: int
+    blocks: int
+    first: bool
+    last: bool
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes of one rank's model state under one DeepSpeed optimizer path."""
+
+    path: str
+    weights: float
+    gradients: float  # at the end of a step's last backward
+    accumulated: float  # what the earlier micro-batches' gradients hold through the later ones
+    master: float  # fp32 master weights
+    moments: float  # AdamW's exp_avg and exp_avg_sq, fp32
+    buffers: float  # reduce bucket, accumulation buffer, ZeRO-3's gathered parameters
+    reduce: float  # transient at the end of backward
+    step: float  # transient during the optimizer step
+    gradients_persist: bool = False  # allocated once and kept (ZeRO-3's partitions), not per step
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The estimated peak of one GPU (the most loaded stage), in bytes, and the inputs of its formulas."""
+
+    stage: Stage
+    state: ModelState
+    activations: float  # saved for backward, all micro-batches in flight
+    working: float  # backward's own transient: loss buffers or one block's recomputation
+    peak_at: str  # which moment of the step is the peak
+    allocated: float  # what torch.cuda.max_memory_allocated would report
+    inputs: dict = field(default_factory=dict)
+
+    @property
+    def allocated_gb(self) -> float:
+        return self.allocated / GB
+
+
+def element_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def layer_parameters(m: ModelConfig, tp: int, pipeline: bool) -> list[int]:
+    """Parameters per tensor-parallel rank of each layer: embed, the blocks, final norm, head.
+
+    Weight matrices are split over tp ranks (the vocabulary of the embedding and head, q/k/v and the
+    MLP's up projection by output, the output projections by input); norms, the position embedding,
+    the biases of the row-parallel output projections and key/value heads fewer than tp ranks are
+    whole on every rank. A pipeline's last stage holds a second copy of a tied embedding (DeepSpeed's
+    TiedLayerSpec, counted there as the head); one process has none.
+    """
+    d, hd, ff, bias = m.d_model, m.head_dim, m.ffn_dim, m.style == "gpt2"
+    norm = d * (2 if bias else 1)
+    q, kv = m.n_heads * hd, 2 * m.kv_heads * hd
+    split_kv = m.kv_heads % tp == 0
+    attn = (d * q + (q if bias else 0)) / tp + (d * kv + (kv if bias else 0)) / (tp if split_kv else 1)
+    attn += q * d / tp + (d if bias else 0)
+    up = ff * (2 if m.style == "llama" else 1)
+    mlp = (d * up + (up if bias else 0)) / tp + ff * d / tp + (d if bias else 0)
+    block = int(attn + mlp + 2 * norm)
+    embed = m.vocab_size * d // tp + (m.max_seq_len * d if m.style == "gpt2" else 0)
+    head = (embed if pipeline else 0) if m.tie_embeddings else m.vocab_size * d // tp
+    return [embed, *[block] * m.n_layers, norm, head]
+
+
+def stages(cfg: Config, layout: Layout) -> list[Stage]:
+    """The pipeline stages (one without pipelining), split as DeepSpeed's PipelineModule splits the
+    layers (parallel.pp_partition: balancing parameters, or equal layer counts)."""
+    m = cfg.model
+    counts = layer_parameters(m, layout.tp, pipeline=layout.pp > 1)
+    if layout.pp == 1:
+        return [Stage(0, sum(counts), m.n_layers, True, True)]
+    parts = _partition(tuple(counts), layout.pp, cfg.parallel.pp_partition)
+    last_block = m.n_layers  # layer ids: 0 embed, 1..n_layers blocks, then norm and head
+    return [Stage(s, sum(counts[parts[s]:parts[s + 1]]),
+                  len(range(max(parts[s], 1), min(parts[s + 1], last_block + 1))), s == 0, s == layout.pp - 1)
+            for s in range(layout.pp)]
+
+
+@functools.cache
+def _partition(counts: tuple[int, ...], pp: int, method: str) -> list[int]:
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform  # what PipelineModule calls
+
+    if method == "parameters":
+        return partition_balanced(weights=list(counts), num_parts=pp)
+    return partition_uniform(num_items=len(counts), num_parts=pp)
+
+
+# ------------------------------------------------------------------------- model state
+
+
+def model_state(precision: str, zero: int, pipeline: bool, params: int, dp: int, micro_batches: int,
+                device: str) -> ModelState:
+    """Weights, gradients, optimizer states and DeepSpeed's buffers of ``params`` parameters on one rank.
+
+    Which optimizer wrapper DeepSpeed 0.19 builds (engine._do_optimizer_sanity_check, with megalm's
+    config: no data_types.grad_accum_dtype, so gradients accumulate in the model's precision):
+    fp32 and ZeRO 0 is torch's AdamW as it is; bf16 and ZeRO 0 is FP16_UnfusedOptimizer (an fp32
+    copy of every weight), or BF16_Optimizer under the pipeline engine (fp32 master weights and states
+    sharded over dp, a bf16 accumulation buffer); ZeRO 1/2 is DeepSpeedZeroOptimizer (fp32 master
+    partition cloned even in fp32); ZeRO 3 is DeepSpeedZeroOptimizer_Stage3.
+    """
+    e, p, shard = element_bytes(precision), params, params / dp
+    gpu = device != "cpu"
+    bucket = e * (BUCKET if gpu else min(BUCKET, p))  # a CPU only makes resident the pages it writes
+    flat = e * min(p, BUCKET)  # DeepSpeed's buffered all-reduce flattens the gradients (dp = 1 too)
+    foreach = 4 if gpu else 0  # torch's multi-tensor AdamW: one fp32 temporary per element (CPU: per tensor)
+    fp32_grads = 4 if precision == "bf16" else 0  # copies of the gradients in fp32 for the step
+    if zero == 0 and precision == "fp32":
+        return ModelState("torch AdamW, fp32", 4 * p, 4 * p, 4 * p, 0, 8 * p, 0, flat, foreach * p)
+    if zero == 0 and not pipeline:
+        return ModelState("FP16_UnfusedOptimizer, bf16", 2 * p, 2 * p, 2 * p, 4 * p, 8 * p, 0, flat,
+                          (4 + foreach) * p)
+    if zero == 0:
+        return ModelState("BF16_Optimizer, bf16 (states sharded over dp)", 2 * p, 2 * p, 2 * p, 4 * shard,
+                          8 * shard, 2 * p, flat, (4 + foreach) * shard)
+    if zero in (1, 2):
+        # Stage 1 accumulates whole gradients until the last micro-batch, whose backward moves them
+        # into the reduce bucket; stage 2 reduces every micro-batch into its gradient partition. The
+        # bucket is allocated at the first gradient of each backward and released by the step: whole
+        # on a GPU; on a CPU its pages become resident as the gradients fill it, while activations go.
+        accumulated = e * p if zero == 1 else e * shard
+        resident_bucket, filled_bucket = (bucket, 0) if gpu else (0, bucket)
+        return ModelState(f"DeepSpeedZeroOptimizer stage {zero}, {precision}", e * p,
+                          (0 if zero == 1 else e * shard) + filled_bucket, accumulated, 4 * shard, 8 * shard,
+                          resident_bucket, e * shard if zero == 1 else 0, (fp32_grads + foreach) * shard)
+    # In fp32 the parameter partition is the master copy. Gradients: the partition in the model's
+    # precision and the fp32 one the optimizer steps on, kept from step to step. The reduce bucket is
+    # allocated once (a CPU keeps the pages it wrote) and the gathered weights stay between passes.
+    master = 4 * shard if precision == "bf16" else 0
+    return ModelState(f"DeepSpeedZeroOptimizer_Stage3, {precision}", e * shard, (e + 4) * shard, (e + 4) * shard,
+                      master, 8 * shard, bucket + e * min(p, ZERO3_GATHERED), 0, (e + foreach) * shard,
+                      gradients_persist=True)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def saved_per_layer(m: ModelConfig, tokens: int, tp: int, sp: bool, checkpointing: str, precision: str,
+                    device: str) -> dict[str, float]:
+    """Bytes one Transformer block saves for backward on one tensor rank, for a micro-batch of
+    ``tokens`` tokens, by what saves them (megalm.model.layers; the attention core is flash-style
+    SDPA or Triton: q, k, v, the output and a log-sum-exp, never the T x T scores).
+
+    With sequence parallelism the residual stream and the norms hold tokens / tp positions, but the
+    all-gathered norm output is what the q/k/v and MLP projections save, whole. Full checkpointing
+    keeps only the block's input; selective recomputes the attention core (with flash-style
+    attention that frees only the log-sum-exp and the RoPE-rotated copies)."""
+    e, n, h, t = element_bytes(precision), tokens, m.d_model, tp
+    residual = n * h * e / (t if sp else 1)
+    if checkpointing == "full":
+        return {"block input (the checkpoint)": residual}
+    llama, cpu = m.style == "llama", device == "cpu"
+    kv = (m.kv_heads // t if m.kv_heads % t == 0 else 1) * m.head_dim * n * e  # one of k, v on this rank
+    parts = {
+        "residual inputs of the 2 norms": 2 * residual,
+        "norm statistics (fp32)": 2 * n / (t if sp else 1) * 4 * (1 if llama else 2),
+        "norm outputs, input of q/k/v and MLP up (whole sequence)": 2 * n * h * e,
+        "q, k, v": n * h / t * e + 2 * kv,
+        "attention output": n * h / t * e,
+        "MLP hidden (GELU in, out)" if not llama else "MLP hidden (gate|up, SiLU, product)":
+            (4 if llama else 2) * n * m.ffn_dim / t * e,
+    }
+    if checkpointing == "none":
+        parts["softmax log-sum-exp (fp32)"] = n * m.n_heads / t * 4
+        if llama:
+            parts["RoPE-rotated k beside the projected one"] = kv
+        if llama and cpu:
+            parts["attention output copied to (B, T, H*D) (SDPA on CPU)"] = n * h / t * e
+    if llama and cpu:
+        parts["normalized inputs (torch's RMSNorm on CPU)"] = 2 * residual
+    if m.dropout > 0:
+        parts["dropout masks (bool)"] = 2 * n * h / (t if sp else 1)
+    return parts
+
+
+def saved_by_head(m: ModelConfig, tokens: int, tp: int, sp: bool, precision: str, device: str) -> dict[str, float]:
+    """Bytes the last stage saves beyond its blocks: the final norm, the head's input and the loss's
+    fp32 log-probabilities (softmax with tp > 1) over this rank's slice of the vocabulary."""
+    e, n, h, t = element_bytes(precision), tokens, m.d_model, tp
+    residual = n * h * e / (t if sp else 1)
+    parts = {"final norm input": residual, "final norm output, head input (whole sequence)": n * h * e,
+             "log-probabilities (fp32)": n * m.vocab_size / t * 4}
+    if m.style == "llama" and device == "cpu":
+        parts["normalized input (torch's RMSNorm on CPU)"] = residual
+    return parts
+
+
+def loss_backward_bytes(m: ModelConfig, tokens: int, tp: int) -> float:
+    """Backward of the loss: the gradients of the log-probabilities and of the logits, fp32, while the
+    saved log-probabilities still live."""
+    return 2 * tokens * m.vocab_size / tp * 4
+
+
+# ---------------------------------------------------------------------------------- peak
+
+
+def memory(cfg: Config, layout: Layout, device: str = "cuda") -> Memory:
+    """The peak of the most loaded stage of ``layout`` for ``cfg`` (model vocabulary and length
+    resolved): per stage, resident state plus the largest of the three moments' needs."""
+    return max((stage_memory(cfg, layout, stage, device) for stage in stages(cfg, layout)),
+               key=lambda mem: mem.allocated)
+
+
+def stage_memory(cfg: Config, layout: Layout, stage: Stage, device: str) -> Memory:
+    m, precision = cfg.model, cfg.train.precision
+    micro_batches = layout.micro_batches(cfg)
+    tokens = layout.micro_batch * cfg.data.seq_len
+    state = model_state(precision, layout.zero, layout.pp > 1, stage.params, layout.dp, micro_batches, device)
+    per_layer = saved_per_layer(m, tokens, layout.tp, layout.sequence_parallel, layout.checkpointing, precision,
+                                device)
+    head = saved_by_head(m, tokens, layout.tp, layout.sequence_parallel, precision, device) if stage.last else {}
+    pipe_buffers = 2 * tokens * m.d_model * element_bytes(precision) if layout.pp > 1 else 0  # sent, received
+    per_micro_batch = stage.blocks * sum(per_layer.values()) + sum(head.values()) + pipe_buffers
+    # 1F1B: a step's first backward finds up to pp - stage micro-batches in flight and no gradients yet
+    # (unless they persist); every later one finds the earlier micro-batches' gradients, and one fewer
+    # in flight when the step has no more micro-batches than stages.
+    ahead = layout.pp - stage.index
+    in_flight = min(ahead, micro_batches)
+    activations = in_flight * per_micro_batch
+    first = activations + (state.accumulated if state.gradients_persist else 0)
+    later = min(ahead, micro_batches - 1) * per_micro_batch + state.accumulated if micro_batches > 1 else 0
+    recompute = sum(saved_per_layer(m, tokens, layout.tp, layout.sequence_parallel, "none", precision,
+                                    device).values()) if layout.checkpointing == "full" else 0
+    working = max(loss_backward_bytes(m, tokens, layout.tp) if stage.last else 0, recompute)
+    resident = state.weights + state.master + state.moments + state.buffers
+    needs = {"start of backward": max(first, later) + working,  # what each moment of a step adds to the resident
+             "end of backward": state.gradients + state.reduce,
+             "optimizer step": state.gradients + state.step}
+    peak_at = max(needs, key=needs.get)
+    inputs = {"tokens per micro-batch": tokens, "micro-batches per step": micro_batches,
+              "micro-batches in flight": in_flight, "blocks on this stage": stage.blocks,
+              "parameters on this GPU": stage.params, "saved per block per micro-batch (bytes)": per_layer,
+              "saved by the final norm and loss (bytes)": head}
+    return Memory(stage, state, activations, working, peak_at, resident + needs[peak_at], inputs)
