@@ -45,7 +45,8 @@ def make_corpus(root: Path) -> Path:
 
 def env() -> dict:
     e = dict(os.environ)
-    e.pop("RANK", None)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # each run is its own world
+        e.pop(var, None)
     e.setdefault("OMP_NUM_THREADS", "1")
     return e
 

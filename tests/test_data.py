@@ -7,7 +7,6 @@ counting token values counts how often each document's tokens were trained on.
 """
 
 import functools
-import io
 import json
 import http.server
 import shutil

@@ -5,7 +5,6 @@ Hugging Face model, on a corpus prepared with its tokenizer)."""
 import json
 import math
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ import torch.nn.functional as F
 from megalm.checkpoint import catalog, hf
 from megalm.checkpoint.meta import CheckpointMeta
 from megalm.checkpoint.shards import CheckpointReader
-from megalm.checkpoint.store import save_weights
-from megalm.config import BatchLayout, Config, ConfigError, DataConfig, ModelConfig, load_config
+from megalm.config import BatchLayout, ConfigError, DataConfig, load_config
 from megalm.data.dataset import open_sources
 from megalm.data.loader import TrainLoader, validation_sequences
 from megalm.data.prepare import prepare
@@ -113,15 +111,6 @@ def test_eval_with_tensor_parallelism_equals_one_process(evaluated, run_copy, da
         (expected["sequences"], expected["tokens"], expected["bytes"])
     assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
     assert result["bpb"] == pytest.approx(expected["bpb"], rel=1e-5)
-
-
-def test_eval_refuses_a_masked_lm_checkpoint(data_dir, tmp_path):
-    from megalm.evaluation import main
-
-    cfg = Config(model=ModelConfig(objective="masked", n_layers=1, d_model=64, vocab_size=512, max_seq_len=32))
-    ckpt = save_weights(tmp_path / "masked", cfg, Transformer(cfg.model).state_dict(), data_dir / "tokenizer.json")
-    with pytest.raises(ConfigError, match="is a masked LM; megalm eval scores next-token"):
-        main(Namespace(ckpt=str(ckpt), data=str(data_dir), overrides=[], json=None))
 
 
 # ------------------------------------------------------------------------------ megalm finetune --task lm

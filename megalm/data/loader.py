@@ -314,13 +314,18 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         if self._chunks is not None:
             raise RuntimeError("TrainLoader.load_state_dict after the first step: reading already started")
-        ours = self._identity()
-        for key, theirs in ((k, state.get(k)) for k in ours):
-            if theirs != ours[key]:
-                raise DataError(f"data: the checkpoint's data position is for {key}={theirs}, this run has "
-                                f"{ours[key]}; the data order depends on it, so resume with the checkpoint's "
-                                f"train.global_batch, data.seq_len, data.seed and data sources")
+        check_identity(self._identity(), state, "data", "the data order depends on it, so resume with the "
+                       "checkpoint's train.global_batch, data.seq_len, data.seed and data sources")
         self.step = int(state["step"])
+
+
+def check_identity(ours: dict, state: dict, what: str, fix: str) -> None:
+    """A data position only means something for the data it was taken on: every key of ``ours``
+    must be the checkpoint ``state``'s, or resuming would read other data than the run's."""
+    for key, theirs in ((k, state.get(k)) for k in ours):
+        if theirs != ours[key]:
+            raise DataError(f"{what}: the checkpoint's data position is for {key}={theirs}, this run has "
+                            f"{ours[key]}; {fix}")
 
 
 VAL_TOKEN_CAP = 16_000_000  # validation sequences are drawn from at most this many tokens per source

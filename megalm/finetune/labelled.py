@@ -20,6 +20,7 @@ import xxhash
 from tokenizers import Tokenizer
 
 from megalm.config import BatchLayout
+from megalm.data.loader import check_identity
 from megalm.data.sources import DataError
 from megalm.parallel.tensor_parallel import IGNORE
 
@@ -157,10 +158,6 @@ class ClassifyLoader:
         return {"examples": len(self.data), "fingerprint": self.data.fingerprint(), "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        ours = self._identity()
-        for key, theirs in ((k, state.get(k)) for k in ours):
-            if theirs != ours[key]:
-                raise DataError(f"finetune: the checkpoint's data position is for {key}={theirs}, this run has "
-                                f"{ours[key]}; resume with the same training file, finetune.max_len and data.seed, "
-                                f"or start a new train.run_dir")
+        check_identity(self._identity(), state, "finetune", "resume with the same training file, finetune.max_len "
+                       "and data.seed, or start a new train.run_dir")
         self.position = int(state["position"])
