@@ -137,16 +137,28 @@ HASH_BITS = 40  # per sequence: sums over a million sequences stay exact in an i
 
 
 def peak_memory_gb() -> float:
-    """This process's peak memory so far: the CUDA allocator's on a GPU, the resident set on a CPU."""
+    """This process's peak memory since ``start_memory_peak``: the CUDA allocator's on a GPU, the
+    resident set's high-water mark on a CPU (Linux)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 1e9
+    status = Path("/proc/self/status")
+    if status.is_file():
+        hwm = next((line for line in status.read_text().splitlines() if line.startswith("VmHWM:")), None)
+        if hwm is not None:
+            return int(hwm.split()[1]) * 1024 / 1e9  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
-def memory_in_use_gb() -> float:
-    """This process's memory now, measured as ``peak_memory_gb`` is: allocated on a GPU, resident on a CPU."""
+def start_memory_peak() -> float:
+    """Start measuring the peak afresh (start-up, e.g. building DeepSpeed's ops, can peak higher
+    than training on a CPU) and return the memory in use now, measured as the peak is."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 1e9
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the resident set's high-water mark
+    except OSError as e:
+        log.info("memory: cannot reset the peak resident set (%s); mem_peak_gb includes start-up", e)
     return psutil.Process().memory_info().rss / 1e9
 
 

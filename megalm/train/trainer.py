@@ -30,7 +30,7 @@ from megalm.data.prepare import ensure_prepared
 from megalm.model.transformer import parameter_count
 from megalm.observe.flops import flops_per_token, mfu, peak_tflops
 from megalm.observe.metrics import (MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after,
-                                    memory_in_use_gb, peak_memory_gb)
+                                    peak_memory_gb, start_memory_peak)
 from megalm.observe.plot import plot_loss
 from megalm.observe.profile import StepProfiler
 from megalm.observe.timing import PhaseTimer
@@ -118,7 +118,7 @@ class Trainer:
 
     def _build_engine(self):
         RNGState.seed(self.cfg.train.seed)  # dropout; weights are seeded per layer (tensor_parallel.init_layer)
-        self.mem_base_gb = memory_in_use_gb()  # peak minus this: what the model and its training add (megalm plan)
+        self.mem_base_gb = start_memory_peak()  # the peak minus this: what the model and its training add
         engine = build_engine(self.cfg, build_model(self.cfg, self.mesh), self.mesh)
         m = self.cfg.model
         if self.world.is_main:
