@@ -42,7 +42,7 @@ from megalm.parallel.distributed import init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
 from megalm.records import atomic_write_text
 from megalm.train.engine import build_engine, compile_blocks, gradient_norm
-from megalm.train.preemption import StopFlag
+from megalm.train.loop import run_steps
 from megalm.train.state import RNGState, TrainState
 
 log = logging.getLogger("megalm")
@@ -251,6 +251,12 @@ class ClassifyRun:
 
     # ------------------------------------------------------------------------------ the loop
 
+    def save(self) -> Path:
+        """Collective: a checkpoint of the engine, the step counters, the data position and random streams."""
+        path = self.checkpointer.save(self.state.step)
+        self.throughput.rate()
+        return path
+
     def run(self) -> dict | None:
         """Train to ``train.steps`` (or ``train.stop_at``, or a stop signal); the final scores (also
         written to eval.json), or None when the run stopped before its end."""
@@ -261,25 +267,7 @@ class ClassifyRun:
             log.info("classify: %d steps of %d texts (%d ranks x %d micro-batches of %d%s), from step %d (epoch %.2f)",
                      t.steps, b.global_batch, b.dp, b.grad_accum, b.micro_batch_size,
                      f", {b.padding} padding" if b.padding else "", self.state.step, self.loader.epoch)
-        bar = ProgressBar(t.steps, self.state.step, enabled=self.world.is_main and t.progress)
-        stop, scores = StopFlag(), None
-        while self.state.step < last:
-            started, step = time.perf_counter(), self.state.step + 1
-            lr = self.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
-            logging_step = step % t.log_every == 0 or step == last
-            own_grad_norm = self.train_step(measure=logging_step)
-            signalled = stop.agreed(self.world.device)
-            if logging_step or signalled:
-                self.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
-            if step % t.eval_every == 0 or step == t.steps:
-                scores = self.evaluate()
-            if t.save and ((t.save_every and step % t.save_every == 0) or step == last or signalled):
-                self.checkpointer.save(step)
-                self.throughput.rate()
-            if signalled:
-                log.warning("stopped at step %d after a signal; resume by running the same command again", step)
-                break
-        bar.close()
+        _, scores = run_steps(self, last)
         self.checkpointer.wait()  # the last checkpoint is complete before the run reports
         if self.state.step < t.steps:
             scores = None  # stopped before the end: the scores so far are in metrics.jsonl

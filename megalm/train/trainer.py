@@ -2,10 +2,10 @@
 
 Set-up, in ``__init__``: the world and its 3D mesh → the data (prepared by rank 0 if needed) → the
 run dir → the model in its DeepSpeed engine → the stateful parts (step counters, data loader,
-random streams) and the checkpointer that saves them → resume. Then ``run`` loops: ``train_step``
-(one optimizer step over the micro-batches), ``log_step`` (metrics), ``evaluate`` every
-``train.eval_every`` steps, ``save`` every ``train.save_every`` steps or when a signal asks to
-stop; at the end a final evaluation, checkpoint and loss plot.
+random streams) and the checkpointer that saves them → resume. Then ``run`` loops (``run_steps``,
+shared with classification fine-tuning): ``train_step`` (one optimizer step over the micro-batches),
+``log_step`` (metrics), ``evaluate`` every ``train.eval_every`` steps, ``save`` every
+``train.save_every`` steps or when a signal asks to stop; at the end a final evaluation, checkpoint and loss plot.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
 from megalm.train.evaluate import score
 from megalm.train.objective import build_objective
-from megalm.train.preemption import StopFlag
+from megalm.train.loop import run_steps
 from megalm.train.state import RNGState, TrainState
 from megalm.train.watchdog import VERDICT_FILE, Watchdog
 
@@ -260,13 +260,13 @@ class Trainer:
         if t.watchdog_timeout_s:
             self.watchdog.start()
         try:
-            ckpt, val_loss = self._loop(min(t.steps, t.stop_at or t.steps))
+            ckpt, val_loss = run_steps(self, min(t.steps, t.stop_at or t.steps), self.profiler)
         except Exception:
             self.watchdog.diagnose()  # a peer that died shows up here first, as a failed collective
             raise
         self.watchdog.progress(self.state.step, "save")
         self.checkpointer.wait()  # the last checkpoint is complete before the run reports it
-        if math.isnan(val_loss):  # e.g. resumed a finished run: report where the model stands anyway
+        if val_loss is None:  # e.g. resumed a finished run: report where the model stands anyway
             log.info("train: no evaluation ran since step %d was reached; evaluating now", self.state.step)
             val_loss = self.evaluate()
         self.sink.close()
@@ -275,32 +275,6 @@ class Trainer:
             plot_loss(self.run_dir)
         return Summary(self.run_dir, self.state.step, self.state.tokens, val_loss, math.exp(val_loss), time.time() -
                        self.t_start, ckpt, self.manifest.unigram_entropy_nats)
-
-    def _loop(self, last: int) -> tuple[Path | None, float]:
-        """The steps: train, log, evaluate, save; returns the last checkpoint and validation loss."""
-        t = self.cfg.train
-        bar = ProgressBar(t.steps, self.state.step, enabled=self.world.is_main and t.progress)
-        stop = StopFlag()
-        ckpt, val_loss = None, math.nan
-        while self.state.step < last:
-            started = time.perf_counter()
-            step = self.state.step + 1
-            logging_step = step % t.log_every == 0 or step == last
-            lr = self.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
-            with self.profiler.step(step):
-                own_grad_norm = self.train_step(measure=logging_step)
-            signalled = stop.agreed(self.world.device)
-            if logging_step or signalled:
-                self.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
-            if step % t.eval_every == 0 or step == t.steps:
-                val_loss = self.evaluate()
-            if t.save and ((t.save_every and step % t.save_every == 0) or step == last or signalled):
-                ckpt = self.save()
-            if signalled:
-                log.warning("stopped at step %d after a signal; resume by running the same command again", step)
-                break
-        bar.close()
-        return ckpt, val_loss
 
 
 def train(cfg: Config) -> Summary:

@@ -1,0 +1,48 @@
+"""The step loop every training run shares (pretraining and classification fine-tuning).
+
+A run hands in its phases — ``train_step``, ``log_step``, ``evaluate``, ``save`` — and this loop
+calls them in order until the last step or a stop signal (SIGTERM/SIGUSR1, agreed by every rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from megalm.observe.metrics import ProgressBar
+from megalm.train.preemption import StopFlag
+
+log = logging.getLogger("megalm")
+
+
+def run_steps(run, last: int, profiler=None) -> tuple[Path | None, Any]:
+    """Train, log, evaluate and save, step by step, up to step ``last``. ``run`` has ``cfg``,
+    ``state.step``, ``engine`` and ``world`` and the four phases; ``profiler`` (a StepProfiler)
+    brackets each step. Returns the last checkpoint saved and the last evaluation's result (None
+    for either that did not happen)."""
+    t = run.cfg.train
+    bar = ProgressBar(t.steps, run.state.step, enabled=run.world.is_main and t.progress)
+    stop = StopFlag()
+    ckpt = evaluated = None
+    while run.state.step < last:
+        started = time.perf_counter()
+        step = run.state.step + 1
+        logging_step = step % t.log_every == 0 or step == last
+        lr = run.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
+        with profiler.step(step) if profiler is not None else contextlib.nullcontext():
+            own_grad_norm = run.train_step(measure=logging_step)
+        signalled = stop.agreed(run.world.device)
+        if logging_step or signalled:
+            run.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
+        if step % t.eval_every == 0 or step == t.steps:
+            evaluated = run.evaluate()
+        if t.save and ((t.save_every and step % t.save_every == 0) or step == last or signalled):
+            ckpt = run.save()
+        if signalled:
+            log.warning("stopped at step %d after a signal; resume by running the same command again", step)
+            break
+    bar.close()
+    return ckpt, evaluated
