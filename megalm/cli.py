@@ -10,19 +10,18 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
-from megalm.config import ConfigError, load_config
+from megalm.config import load_config
+from megalm.errors import MegalmError, exit_code, one_line, prefix
 
 log = logging.getLogger("megalm")
 
 
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.INFO if rank == 0 else logging.WARNING
-    prefix = "megalm" if "RANK" not in os.environ else f"megalm[{rank}]"
-    logging.basicConfig(level=level, format=f"{prefix}: %(message)s", stream=sys.stderr, force=True)
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"{prefix()}: %(message)s", stream=sys.stderr, force=True)
     # DeepSpeed logs every engine detail at INFO; keep its warnings only.
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -30,15 +29,7 @@ def _setup_logging() -> None:
 def cmd_train(args) -> int:
     from megalm.train.trainer import train
 
-    log_summary(train(load_config(args.config, args.overrides)))
-    return 0
-
-
-def log_summary(summary) -> None:
-    """The last line of a training run (``megalm train``, ``megalm finetune``), from rank 0."""
-    if summary.run_dir and int(os.environ.get("RANK", "0")) == 0:
-        log.info("done: %d steps, %d tokens in %.0fs; val loss %.4f (ppl %.2f); checkpoint %s",
-                 summary.steps, summary.tokens, summary.wall_s, summary.val_loss, summary.val_ppl, summary.checkpoint)
+    return train(load_config(args.config, args.overrides)).report()
 
 
 def cmd_prepare(args) -> int:
@@ -73,6 +64,8 @@ def cmd_quickstart(args) -> int:
     t0 = time.time()
     cfg = load_config("quickstart", args.overrides)
     summary = train(cfg)
+    if summary.stopped:
+        return summary.report()
     prompt = "def main():\n    "
     sample = generate_text(summary.run_dir, prompt, max_tokens=80, temperature=0.8, top_k=50, top_p=0.95, seed=0)
     bits = 1 / 0.6931471805599453
@@ -94,7 +87,8 @@ def cmd_ckpt(args) -> int:
     from pathlib import Path
 
     from megalm.checkpoint import catalog, hf
-    from megalm.checkpoint.meta import CheckpointError, CheckpointMeta
+    from megalm.checkpoint.meta import CheckpointMeta
+    from megalm.errors import CheckpointError
 
     if args.ckpt_command == "list":
         rows = catalog.listing(args.run_dir, checksums=not args.quick)
@@ -120,7 +114,8 @@ def cmd_ckpt(args) -> int:
         return 1 if failed else 0
     if args.ckpt_command == "export":
         ckpt = catalog.resolve(args.ckpt)
-        out = hf.export_hf(ckpt, Path(args.out)) if args.format == "hf" else hf.export_torch(ckpt, Path(args.out))
+        export = hf.export_hf if args.format == "hf" else hf.export_torch
+        out = export(ckpt, Path(args.out), force=args.force)
         print(f"exported {ckpt} as {args.format} to {out}")
         return 0
     out = hf.import_hf(Path(args.hf_dir), Path(args.out), pad_vocab=args.pad_vocab)
@@ -250,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out")
     c.add_argument("--format", choices=["hf", "torch"], default="hf",
                    help="hf: safetensors + config.json + tokenizer (transformers loads it); torch: one .pt file")
+    c.add_argument("--force", action="store_true",
+                   help="write into a directory that holds files (hf), or replace an existing file (torch)")
     c = csub.add_parser("import", help="turn a Hugging Face GPT-2 or Llama directory into a megalm checkpoint")
     c.add_argument("hf_dir")
     c.add_argument("out")
@@ -348,19 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # argparse's own message and exit
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from megalm.checkpoint.meta import CheckpointError
-    from megalm.cluster.slurm import SlurmError
-    from megalm.data.sources import DataError
-
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"megalm: config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, SlurmError) as e:
-        print(f"megalm: error: {e}", file=sys.stderr)
-        return 1
-
+    except (MegalmError, OSError) as e:  # an OSError names its file: say it, no traceback
+        print(f"{prefix()}: {one_line(e)}", file=sys.stderr, flush=True)
+        return exit_code(e)
+    except KeyboardInterrupt as e:  # what was interrupted has said what it kept (prepare: the work so far)
+        print(f"{prefix()}: {one_line(e)}", file=sys.stderr, flush=True)
+        return exit_code(e)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,8 @@ own (``model: my-model.yaml``, relative to the run file), or inline; a mapping w
 that preset or file and then applies its own keys. Command-line overrides are ``section.key=value``
 strings parsed as YAML scalars. Everything is checked before any process group starts: unknown
 keys (with the closest valid name), wrong types, bad values and impossible combinations raise
-:class:`ConfigError` naming the key path.
+:class:`ConfigError` naming the key path; so do what YAML itself lets pass: a key given twice in one
+mapping (PyYAML keeps the last), an empty file, and a number that is inf or nan.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -26,13 +28,11 @@ from typing import Any, Literal
 
 import yaml
 
+from megalm.errors import ConfigError
+
 log = logging.getLogger("megalm")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped runs; presets in model/
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported with the key path; the CLI exits with code 2."""
 
 
 def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -264,7 +264,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if key == "model" and not value.startswith("{"):
             raw = _expand_model_preset({**raw, "model": value}, Path.cwd())
             continue
-        _set_dotted(raw, key.split("."), yaml.safe_load(value) if value != "" else "")
+        _set_dotted(raw, key.split("."), _parse_yaml(value, f"override {item!r}") if value != "" else "")
     cfg = from_dict(Config, raw, "")
     validate(cfg)
     return cfg
@@ -288,16 +288,57 @@ def run_file(name: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); a config is a YAML file "
+                          f"such as configs/quickstart.yaml") from None
+    data = _parse_yaml(text, str(path))
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: empty (no settings, only blank lines or comments); give the sections to set "
+                          f"(model, data, parallel, train), or name a shipped run ({', '.join(shipped())})")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, parallel, train)")
     return data
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last one silently, so a second ``train:`` section would quietly replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}
+        for key_node, _ in node.value:  # before the safe loader flattens merge keys (<<), which may repeat keys
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise _DuplicateKey(key, lines[key], line)
+                lines[key] = line
+            except TypeError:  # an unhashable key: the safe loader says so itself
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML (a config file, or an override's value); ``where`` names it in errors."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: safe
+    except _DuplicateKey as e:
+        lines = f" (lines {e.first} and {e.second})" if e.first != e.second else ""
+        raise ConfigError(f"{where}: key {e.key!r} is given twice{lines}; YAML would keep only the last, so remove "
+                          f"or merge one of them") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
 
 
 def _expand_model_preset(raw: dict, base_dir: Path) -> dict:
@@ -380,6 +421,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # inf or nan would reach the optimizer or a timer as a number
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

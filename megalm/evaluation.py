@@ -10,7 +10,8 @@ tokens' text, so that models with different tokenizers compare fairly. A masked 
 the validation sequences' evaluation masks (the ones training's evaluation uses), with its
 masked-token accuracy; its loss, perplexity and bits per byte are over the masked tokens only, so
 they compare masked models with each other, not with causal ones. Rank 0 prints a table and
-appends the result to the run's metrics.jsonl (as ``eval_*`` keys) and, if asked, to a JSON file.
+appends the result to the run's metrics.jsonl (as ``eval_*`` keys) and, if asked, to a JSON file,
+having checked before scoring that both can be written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +35,9 @@ from megalm.checkpoint.store import Checkpointer, run_config
 from megalm.config import Config
 from megalm.data.dataset import TrainSource, open_sources
 from megalm.data.loader import VAL_TOKEN_CAP, validation_sequences
-from megalm.data.sources import DataError
 from megalm.data.tokenizer import load_tokenizer, token_byte_lengths
+from megalm.errors import DataError, MegalmError, UsageError
+from megalm.observe.metrics import finite, metrics_line
 from megalm.parallel.tensor_parallel import IGNORE
 from megalm.train.engine import build_engine, build_model, resolve_model_config
 from megalm.train.evaluate import score
@@ -66,8 +69,10 @@ class Result:
 
 
 def main(args) -> int:
-    ckpt = catalog.resolve(args.ckpt)
+    ckpt, _ = catalog.resolve_verified(args.ckpt)  # before the world starts: a damaged one fails in seconds
     cfg = run_config(ckpt, args.data, args.overrides)
+    if int(os.environ.get("RANK", "0")) == 0:  # the rank that records: before any scoring, not after it
+        check_writable(ckpt, args.json)
     capped = any(o.startswith("data.eval_sequences=") for o in args.overrides)
     result = evaluate_checkpoint(ckpt, cfg, capped).numbers()
     if dist.get_rank() == 0:
@@ -163,15 +168,40 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def record(result: dict, ckpt: Path, json_file: str | None) -> None:
-    """Append the result to the metrics of the run the checkpoint belongs to (if any) as ``eval_*``
-    keys at its step, so ``megalm plot RUN --metric eval_loss`` draws them; write ``json_file``."""
+def run_metrics(ckpt: Path) -> Path | None:
+    """The metrics.jsonl of the run the checkpoint belongs to, if it is a run's and has one."""
     run_dir = ckpt.parent.parent
     metrics = run_dir / "metrics.jsonl"
-    if ckpt.parent == catalog.checkpoint_root(run_dir) and metrics.is_file():
+    return metrics if ckpt.parent == catalog.checkpoint_root(run_dir) and metrics.is_file() else None
+
+
+def check_writable(ckpt: Path, json_file: str | None) -> None:
+    """Every file ``record`` writes can be opened for writing (appending, which changes nothing; a
+    file this makes is removed again), so that a failure comes before the scoring and leaves no
+    output half written: not the run's metrics with an eval row and then no JSON file."""
+    targets = [(Path(json_file), UsageError, f"--json {json_file}", "give a file in a writable directory")] \
+        if json_file else []
+    if (metrics := run_metrics(ckpt)) is not None:
+        targets.append((metrics, MegalmError, str(metrics), "eval appends its result there; make it writable"))
+    for path, error, what, fix in targets:
+        existed = path.exists()
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as e:
+            raise error(f"{what}: cannot be written ({e.strerror}); {fix}") from None
+        if not existed:
+            path.unlink()
+
+
+def record(result: dict, ckpt: Path, json_file: str | None) -> None:
+    """Write ``json_file`` and append the result to the metrics of the run the checkpoint belongs to
+    (if any) as ``eval_*`` keys at its step, so ``megalm plot RUN --metric eval_loss`` draws them.
+    The JSON file goes first: should it fail even so, the run's metrics are as they were."""
+    if json_file:
+        Path(json_file).write_text(json.dumps(finite(result), indent=1, allow_nan=False) + "\n")
+    if (metrics := run_metrics(ckpt)) is not None:
         row = {"step": result["step"], **{f"eval_{k}": v for k, v in result.items() if k not in ("step", "checkpoint")}}
         with open(metrics, "a") as f:  # as MetricsSink appends, without a wandb run for one row
-            f.write(json.dumps(row) + "\n")
+            f.write(metrics_line(row))
         log.info("eval: appended to %s", metrics)
-    if json_file:
-        Path(json_file).write_text(json.dumps(result, indent=1) + "\n")

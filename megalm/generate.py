@@ -7,24 +7,26 @@ exactly, whatever layout saved it.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 
 from megalm.checkpoint import catalog
-from megalm.checkpoint.meta import CheckpointError
 from megalm.checkpoint.shards import CheckpointReader
 from megalm.config import ModelConfig, from_dict
 from megalm.data.tokenizer import eot_id, load_tokenizer
+from megalm.errors import CheckpointError, UsageError
 from megalm.model.transformer import Transformer
+from megalm.parallel.distributed import pick_device
 
 log = logging.getLogger("megalm")
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Path]:
-    """The model of a run dir's latest checkpoint (or of one checkpoint dir), in eval mode."""
-    ckpt = catalog.resolve(path)
-    meta = catalog.verify(ckpt, checksums=False)
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Path]:
+    """The model of a run dir's latest checkpoint (or of one checkpoint dir), in eval mode; every
+    file of the checkpoint is checked first (sizes and checksums)."""
+    ckpt, meta = catalog.resolve_verified(path)
     if meta.config.get("finetune", {}).get("task", "none") != "none":
         raise CheckpointError(f"{ckpt}: a fine-tuned {meta.config['finetune']['task']} model, not a language model; "
                               f"use `megalm classify {ckpt.parent.parent}`")
@@ -74,9 +76,25 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum()
 
 
+def check_sampling(prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """What ``megalm generate``'s options must be (UsageError naming the flag otherwise): checked
+    before the model loads, and instead of a torch error or an empty sample after it."""
+    if not prompt:
+        raise UsageError("--prompt: empty; give the text to continue, e.g. --prompt 'def main():'")
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens {max_tokens}: must be at least 1 (the number of tokens to generate)")
+    if not 0 <= temperature < math.inf:  # (also refuses nan)
+        raise UsageError(f"--temperature {temperature}: must be a number >= 0 (0 means greedy)")
+    if top_k < 0:
+        raise UsageError(f"--top-k {top_k}: must be >= 0 (0 disables it)")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p {top_p}: must be in (0, 1] (1 disables it)")
+
+
 def generate_text(path: str | Path, prompt: str, *, max_tokens: int = 100, temperature: float = 0.8,
                   top_k: int = 50, top_p: float = 0.95, seed: int = 0, device: str = "cpu") -> str:
-    model, ckpt = load_model(path, device)
+    check_sampling(prompt, max_tokens, temperature, top_k, top_p)
+    model, ckpt = load_model(path, pick_device(device, option="--device"))
     if model.cfg.objective != "causal":
         raise CheckpointError(f"{ckpt}: a masked-LM model (model.objective={model.cfg.objective}) fills in masked "
                               f"tokens from both sides; it does not predict the next token, so it cannot generate "

@@ -1,8 +1,18 @@
 """Shared fixtures of the framework's tests (the kernels' tests have their own, in kernels/tests)."""
 
+import stat
+
 import pytest
 
-from tests.helpers import CONFIG, TINY, make_corpus, run_megalm
+from tests.helpers import CONFIG, DENY_SCRIPT, TINY, Watched, make_corpus, run_megalm
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_commands():
+    """A test that fails half way leaves no background run eating the CPU of the next ones."""
+    yield
+    while Watched.running:
+        Watched.running.pop().kill()
 
 # session-scoped: each is a real, separately launched run
 
@@ -30,3 +40,23 @@ def single_run(data_args, tmp_path_factory):
     run_megalm("train", CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}",
                "train.steps=6", "train.save_every=3", "train.eval_every=3", "train.profile.steps=[2,3]")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory):
+    """The test corpus cut into 40-line documents, prepared into ~230 small shards, so that each
+    lane opens a new shard every ~20 steps: a failing storage command then fails mid-training."""
+    root = tmp_path_factory.mktemp("small")
+    corpus = make_corpus(root / "whole")
+    docs = root / "docs"
+    docs.mkdir()
+    for f in sorted(corpus.glob("*.py")):
+        lines = f.read_text().splitlines(keepends=True)
+        for i in range(0, len(lines), 40):
+            (docs / f"{f.stem}_{i:05d}.py").write_text("".join(lines[i:i + 40]))
+    out = root / "prepared"
+    run_megalm("prepare", CONFIG, *TINY, f"data.source={docs}", f"data.dir={out}", "data.shard_tokens=400")
+    deny = root / "deny.sh"
+    deny.write_text(DENY_SCRIPT)
+    deny.chmod(deny.stat().st_mode | stat.S_IEXEC)
+    return out, deny

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +35,18 @@ TINY = [
     "train.steps=5", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=5", "train.progress=false",
     "train.wandb.mode=disabled", "train.lr=3e-3",
 ]
+
+# a storage command (data.dir=pipe:...) that refuses train shards to rank $DENY_RANK once it has
+# served it $DENY_AFTER of them, with a message of its own, as an access-control failure would
+DENY_SCRIPT = """#!/bin/sh
+case "$1" in train-*)
+  if [ "$RANK" = "$DENY_RANK" ]; then
+    n=$(cat "$0.count.$RANK" 2>/dev/null || echo 0); echo $((n + 1)) > "$0.count.$RANK"
+    if [ "$n" -ge "$DENY_AFTER" ]; then echo "storage: access denied to $1 for rank $RANK" >&2; exit 3; fi
+  fi;;
+esac
+exec cat "$DATA/$1"
+"""
 
 
 def make_corpus(root: Path) -> Path:
@@ -86,3 +101,76 @@ def compare_parameters(run_dir: Path, reference: Path) -> tuple[float, float]:
         norm = torch.sqrt(sum((ref[k] ** 2).sum() for k in ref))
         worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
     return (diff / norm).item(), worst
+
+
+class Watched:
+    """A command running in the background whose stderr lines are kept with the second each came
+    (from its start), so a test can wait for a line, signal it, and time how it ends. Whatever a
+    test leaves running is killed after it (tests/conftest.py)."""
+
+    running: list["Watched"] = []
+
+    def __init__(self, cmd: list[str], *, extra_env: dict | None = None, preexec_fn=None):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+                                     start_new_session=True)  # its own process group, as a terminal's job
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        Watched.running.append(self)
+
+    def kill(self) -> None:
+        """Kill the command and everything it started (its process group)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append((time.monotonic() - self.started, line.rstrip("\n")))
+
+    def wait_for(self, text: str, timeout: float = 120) -> float:
+        """Seconds from the start until a line containing ``text`` came."""
+        deadline = time.monotonic() + timeout
+        while (t := self.at(text)) is None:
+            assert self.proc.poll() is None or self._reader.is_alive(), f"ended before {text!r}:\n{self.stderr[-4000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.stderr[-4000:]}"
+            time.sleep(0.05)
+        return t
+
+    def at(self, text: str) -> float | None:
+        return next((t for t, line in list(self.lines) if text in line), None)
+
+    def signal(self, signum: int) -> None:
+        """``signum`` to the whole process group, as a terminal's Ctrl-C reaches a job."""
+        os.killpg(self.proc.pid, signum)
+
+    def end(self, timeout: float = 300) -> "Watched":
+        self.proc.wait(timeout=timeout)
+        self.ended = time.monotonic() - self.started
+        self._reader.join(timeout=10)
+        return self
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def last(self, start: str) -> str:
+        """The last stderr line that starts with ``start`` (a rank's prefix)."""
+        lines = [line for _, line in self.lines if line.startswith(start)]
+        assert lines, f"no line starts with {start!r}:\n{self.stderr[-6000:]}"
+        return lines[-1]
+
+
+def megalm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "megalm.cli", *args]
+
+
+def denied(small_shards, rank: int, after: int) -> tuple[list[str], dict]:
+    """Overrides and environment of a run whose storage refuses rank ``rank`` after ``after`` shards."""
+    out, deny = small_shards
+    for old in deny.parent.glob("deny.sh.count.*"):
+        old.unlink()
+    return [f"data.dir=pipe:{deny} {{}}", f"data.source={out}"], \
+        {"DATA": str(out), "DENY_RANK": str(rank), "DENY_AFTER": str(after)}

@@ -268,7 +268,7 @@ import sys
 from pathlib import Path
 from megalm.bench.ckpt import build, forward_backward
 from megalm.checkpoint import store
-from megalm.checkpoint.meta import CheckpointError
+from megalm.errors import CheckpointError
 from megalm.train.state import TrainState
 
 def full_disk(*args, **kwargs):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from megalm.config import ConfigError, ModelConfig
-from megalm.data.sources import DataError
+from megalm.config import ModelConfig
+from megalm.errors import ConfigError, DataError
 from megalm.finetune.classifier import Classifier
 from megalm.finetune.classify import finetune_config
 from megalm.finetune.example import build_example
@@ -63,7 +63,11 @@ def test_finetuned_classifier_beats_the_majority_baseline(classifier):
 
 def test_scores_equal_scikit_learns():
     """On predictions where one label is never predicted and another never occurs (zero divisions)."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     rng = np.random.default_rng(0)
     labels = ["a", "b", "c", "d"]

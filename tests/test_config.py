@@ -2,8 +2,9 @@
 
 import pytest
 
-from megalm.config import ConfigError, batch_layout, load_config, validate
 from megalm.cli import main
+from megalm.config import batch_layout, load_config, validate
+from megalm.errors import ConfigError
 from tests.helpers import CONFIG, REPO, TINY, run_megalm
 
 

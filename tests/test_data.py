@@ -7,8 +7,8 @@ counting token values counts how often each document's tokens were trained on.
 """
 
 import functools
-import json
 import http.server
+import json
 import shutil
 import threading
 
@@ -22,7 +22,7 @@ from megalm.config import BatchLayout, DataConfig, MixSource
 from megalm.data.dataset import apportion, open_sources
 from megalm.data.loader import TrainLoader, validation_sequences
 from megalm.data.manifest import DataManifest, PrepareSettings, ShardEntry
-from megalm.data.sources import DataError
+from megalm.errors import DataError
 from megalm.parallel.tensor_parallel import IGNORE
 from megalm.train.objective import CausalLM
 from tests.helpers import CONFIG, TINY, run_megalm

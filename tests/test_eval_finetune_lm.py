@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from megalm.checkpoint import catalog, hf
 from megalm.checkpoint.meta import CheckpointMeta
 from megalm.checkpoint.shards import CheckpointReader
-from megalm.config import BatchLayout, ConfigError, DataConfig, load_config
+from megalm.config import BatchLayout, DataConfig, load_config
 from megalm.data.dataset import open_sources
 from megalm.data.loader import TrainLoader, validation_sequences
 from megalm.data.prepare import prepare
 from megalm.data.sources import python_stdlib_root
 from megalm.data.tokenizer import EOT, load_tokenizer, token_byte_lengths
+from megalm.errors import ConfigError
 from megalm.finetune.lm import finetune_config
 from megalm.generate import load_model
 from megalm.model.transformer import Transformer

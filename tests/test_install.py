@@ -14,9 +14,6 @@ import pytest
 
 from tests.helpers import REPO, env, make_corpus
 
-OURS = ("megalm", "megalm_kernels", "__editable__")  # what the new environment must not borrow
-
-
 def run(*cmd, cwd: Path) -> str:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, env=env(), timeout=600)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -32,15 +29,13 @@ def installed(tmp_path_factory) -> Path:
         run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", wheels, project, cwd=root)
     venv = root / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=root)  # this pip installs into it
-    # third-party packages of this environment, without megalm's own (a filtered copy of links)
-    ours = Path(sysconfig.get_paths()["purelib"])
-    deps = root / "deps"
-    deps.mkdir()
-    for entry in ours.iterdir():
-        if not entry.name.lower().replace("-", "_").startswith(OURS):
-            (deps / entry.name).symlink_to(entry)
+    # third-party packages of this environment, by its site-packages as a plain path entry: after
+    # the new venv's own site-packages, and with its .pth files (the editable megalm's finders) not
+    # run, so megalm comes from the wheels. Its real path, not links to it: torch's C++ extensions
+    # (DeepSpeed's shm op) are cached by their build flags, which name torch's include path, and a
+    # second path would rebuild them (30 s each) for this and every later test.
     site = next(venv.glob("lib/python*/site-packages"))
-    (site / "reuse-test-env.pth").write_text(f"{deps}\n")
+    (site / "reuse-test-env.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n")
     run(sys.executable, "-m", "pip", "--python", venv / "bin/python", "install", "--no-index",
         *sorted(wheels.glob("*.whl")), cwd=root)
     return venv / "bin"
@@ -59,9 +54,10 @@ def test_wheels_ship_configs_and_kernel_sources(installed):
 def test_installed_wheel_prepares_and_trains_from_elsewhere(installed, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
-    where = run(installed / "python", "-c", "import megalm, megalm_kernels; print(megalm.__file__); "
-                "print(megalm_kernels.__file__)", cwd=work)
-    assert all(str(installed.parent) in line for line in where.splitlines()[-2:]), where
+    where = run(installed / "python", "-c", "import megalm, megalm_kernels, importlib.metadata as m; "
+                "print(megalm.__file__); print(megalm_kernels.__file__); print(m.distribution('megalm')._path)",
+                cwd=work)
+    assert all(str(installed.parent) in line for line in where.splitlines()[-3:]), where
 
     shown = run(installed / "megalm", "config", "show", "quickstart", "model=llama-tiny", cwd=work)
     assert "name: llama-tiny" in shown and "run_dir: runs/quickstart" in shown

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from megalm.config import ConfigError, load_config, validate
+from megalm.config import load_config, validate
+from megalm.errors import ConfigError
 from tests.helpers import CONFIG, REPO, TINY, compare_parameters, metrics, run_megalm, torchrun, train_losses
 
 STEPS = ["train.steps=6", "train.eval_every=3"]

@@ -25,8 +25,9 @@ from megalm.data import workers
 from megalm.data.clean import EMPTY, NOT_UTF8, OK, TOO_SHORT, Cleaner
 from megalm.data.manifest import CleaningCounts, DataManifest, read_done_shards
 from megalm.data.prepare import ensure_prepared, prepare
-from megalm.data.sources import DataError, open_source, python_stdlib_root
+from megalm.data.sources import open_source, python_stdlib_root
 from megalm.data.tokenizer import load_tokenizer
+from megalm.errors import DataError
 
 MODULES = ["textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py", "bisect.py", "heapq.py", "glob.py", "keyword.py",
            "stat.py", "numbers.py", "abc.py", "copy.py", "queue.py", "sched.py", "getopt.py", "base64.py"]

@@ -16,7 +16,7 @@ import pytest
 from megalm.checkpoint import catalog
 from megalm.checkpoint.meta import CheckpointMeta, Layout
 from megalm.cluster import requeue
-from tests.helpers import CONFIG, REPO, TINY, env, metrics, torchrun
+from tests.helpers import CONFIG, REPO, TINY, denied, env, metrics, torchrun
 
 START, STOP = REPO / "slurm/testcluster/start.sh", REPO / "slurm/testcluster/stop.sh"
 LONG = ["train.steps=100000", "train.eval_every=100000", "train.log_every=1", "train.global_batch=4",
@@ -97,7 +97,7 @@ def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_arg
     log = job_log(run_dir)
     first_job = log.split("(restart 1)")[0]
     assert "USR1 (time limit near, or preemption)" in first_job and "requeueing to resume" in first_job
-    assert f"stopped at step {resumed} after a signal" in first_job
+    assert f"stopped at step {resumed} of 100000 after a signal" in first_job
     assert "TERM (cancelled): every rank saves and stops" in log and "(restart 2)" not in log
     final = catalog.newest_first(catalog.checkpoint_root(run_dir))[0]
     last = int(final.name.removeprefix("step_"))
@@ -110,6 +110,7 @@ def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_arg
     for step in theirs:  # across the requeue, bit for bit: same weights, same batches
         assert (ours[step]["loss"], ours[step]["data_hash"]) == (theirs[step]["loss"], theirs[step]["data_hash"]), step
     print(f"\nrequeue test: stopped at step {resumed}, resumed, cancelled at step {last}; {wall:.0f} s")
+    print(log[-3000:])
 
 
 @pytest.mark.slow
@@ -137,8 +138,32 @@ def test_a_killed_and_a_stopped_rank_are_named_and_end_their_jobs(slurm, data_ar
         assert "not requeueing" in log and "slurm.max_requeues=0" in log
         assert ended_after < 8 + 30, ended_after  # the watchdog's timeout, its interval and the job's teardown
         assert not psutil.pid_exists(victims[how].pid), "the stopped rank was left behind"
-        assert "rank 1 on node" in (run_dir / "watchdog.txt").read_text()
+        assert "watchdog: rank 1 on node" in (run_dir / "failures.txt").read_text()
+        assert "megalm node: training failed: watchdog: rank 1 on node" in log
         print(f"\n{how}: the job ended {ended_after:.0f} s after its rank 1 was hit")
+
+
+@pytest.mark.slow
+def test_an_error_on_one_node_ends_the_job_within_seconds(slurm, small_shards, tmp_path):
+    """Rank 1's storage refuses a shard mid-training (the watchdog at its default 600 s): its line,
+    then every rank's and every node's last line name it, and the job ends within 15 s of it."""
+    run_dir = tmp_path / "run"
+    overrides, extra = denied(small_shards, rank=1, after=2)
+    job = submit({**slurm, **extra}, CONFIG, *TINY, *LONG, *overrides, f"train.run_dir={run_dir}",
+                 "slurm.max_requeues=0", "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--time", "10")
+    failed = wait_until(lambda: "megalm[1]: error: shard pipe:" in job_log(run_dir), 180, "rank 1's error")
+    ended = wait_until(lambda: not running(slurm, job), 60, "the job to end")
+    log = job_log(run_dir)
+    origin = next(line for line in log.splitlines() if line.startswith("megalm[1]: error: shard pipe:"))
+    assert "the command exited with 3: storage: access denied to train-" in origin and "for rank 1" in origin
+    said = origin.split(": ", 1)[1]
+    last0 = [line for line in log.splitlines() if line.startswith("megalm[0]: ")][-1]
+    assert last0.startswith("megalm[0]: stopping because rank 1 on node2 (pid ") and last0.endswith(said), last0
+    nodes = [line for line in log.splitlines() if line.startswith("megalm node: training failed:")]
+    assert nodes and all(line.endswith(said) and "rank 1 on node2" in line for line in nodes), nodes
+    assert "watchdog:" not in log and "not requeueing" in log
+    assert ended <= 15, ended
+    print(f"\n2-node Slurm job: ended {ended:.1f} s after rank 1's error appeared in its log ({failed:.0f} s in)")
 
 
 def test_requeue_decisions(tmp_path):
@@ -160,6 +185,8 @@ def test_requeue_decisions(tmp_path):
     assert again is False and "3 times in a row" in why
     at(20)  # progress: the count starts over
     assert requeue.decide(args[0], args[1:], 0, "4")[0] is True
+    again, why = requeue.decide(args[0], args[1:], 2, "5")  # a config error is not requeued
+    assert again is False and "config or usage error (exit code 2)" in why
     at(50)
     again, why = requeue.decide(args[0], args[1:], 0, "5")
     assert again is False and why.startswith("finished")

@@ -14,8 +14,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from megalm.checkpoint.meta import CheckpointError, CheckpointMeta
+from megalm.checkpoint.meta import CheckpointMeta
 from megalm.checkpoint.shards import checksum
+from megalm.errors import CheckpointError
 
 log = logging.getLogger("megalm.checkpoint")
 
@@ -93,6 +94,22 @@ def resolve(path: str | Path) -> Path:
                 log.warning("checkpoint: skipping %s", e)
     raise CheckpointError(f"{path}: no complete checkpoint found (expected a run dir, its checkpoints/ "
                           f"or a {PREFIX}N directory with {CheckpointMeta.FILE})")
+
+
+def resolve_verified(path: str | Path) -> tuple[Path, CheckpointMeta]:
+    """The checkpoint ``path`` names (see ``resolve``) and its meta, every file checked in full
+    (sizes and xxh3 checksums, as a resume checks them). Every command that reads weights to use
+    them (generate, eval, classify, finetune) opens its checkpoint here, so that a flipped byte is
+    an error naming the file, not NaN weights or a torch error three modules later. A damaged one is
+    not replaced by an older one silently: which to use instead is the user's choice."""
+    ckpt = resolve(path)
+    try:
+        return ckpt, verify(ckpt)
+    except CheckpointError as e:
+        run_dir = ckpt.parent.parent
+        fix = f"give an older checkpoint of the run (`megalm ckpt list {run_dir}` shows which verify)" \
+            if ckpt.parent == checkpoint_root(run_dir) else "copy or import it again"
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {e}; {fix}") from None
 
 
 @dataclass

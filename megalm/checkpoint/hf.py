@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from megalm.checkpoint.meta import CheckpointError
 from megalm.config import VOCAB_MULTIPLE, Config, ModelConfig
 from megalm.data.tokenizer import END_OF_TEXT, eot_id, load_tokenizer
+from megalm.errors import CheckpointError, UsageError
 
 log = logging.getLogger("megalm.checkpoint")
 
@@ -162,18 +162,19 @@ def model_config(hf: dict, name: str) -> ModelConfig:
 # ------------------------------------------------------------------------------ export / import
 
 
-def export_hf(ckpt: Path, out: Path) -> Path:
-    """Write a ``transformers`` directory for a megalm checkpoint of any layout."""
+def export_hf(ckpt: Path, out: Path, force: bool = False) -> Path:
+    """Write a ``transformers`` directory for a megalm checkpoint of any layout; into a directory
+    that holds files only with ``force``."""
     from safetensors.torch import save_file
 
     from megalm.checkpoint import catalog
     from megalm.checkpoint.shards import CheckpointReader
     from megalm.config import from_dict
 
+    _export_target(out, out, force)
     meta = catalog.verify(ckpt)
     cfg = from_dict(ModelConfig, meta.config["model"], "model")
     tok = load_tokenizer(ckpt / "tokenizer.json")
-    out.mkdir(parents=True, exist_ok=True)
     save_file(to_hf(cfg, CheckpointReader(ckpt, meta).model_state()), str(out / WEIGHTS), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg, eot_id(tok)), indent=1) + "\n")
     shutil.copyfile(ckpt / "tokenizer.json", out / "tokenizer.json")
@@ -184,15 +185,40 @@ def export_hf(ckpt: Path, out: Path) -> Path:
     return out
 
 
-def export_torch(ckpt: Path, out: Path) -> Path:
-    """One file: the consolidated fp32 state dict of the one-process model, with its config."""
+def export_torch(ckpt: Path, out: Path, force: bool = False) -> Path:
+    """One file: the consolidated fp32 state dict of the one-process model, with its config; an
+    existing file is replaced only with ``force``."""
     from megalm.checkpoint import catalog
     from megalm.checkpoint.shards import CheckpointReader
 
+    _export_target(out, out.parent, force)
     meta = catalog.verify(ckpt)
-    out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model_config": meta.config["model"], "state_dict": CheckpointReader(ckpt, meta).model_state()}, out)
     return out
+
+
+def _export_target(out: Path, folder: Path, force: bool) -> None:
+    """Before anything is read: ``out`` (the directory ``folder`` itself, or a file in it) replaces
+    nothing of the user's unless ``force``, and ``folder`` exists (created if need be)."""
+    if out == folder:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: is a file; --format hf writes a directory: give a new or empty directory")
+        taken = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if taken and not force:
+            named = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+            raise UsageError(f"{out}: holds {len(taken)} file{'s' if len(taken) > 1 else ''} ({named}); give a new or "
+                             f"empty directory, or --force to write into it, replacing any {WEIGHTS}, config.json, "
+                             f"tokenizer.json and tokenizer_config.json there")
+    elif out.is_dir():
+        raise UsageError(f"{out}: is a directory; --format torch writes one file: give a file name, e.g. {out}/model.pt")
+    elif out.exists() and not force:
+        raise UsageError(f"{out}: exists; give a new file name, or --force to replace it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a directory must be, no permission, a read-only file system
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise UsageError(f"{out}: cannot create the directory {folder} ({why}); give a path where a directory "
+                         f"can be made") from None
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

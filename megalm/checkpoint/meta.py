@@ -10,11 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from megalm.errors import CheckpointError
 from megalm.records import Record
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was asked for, or one that cannot be used as asked."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ import torch
 import xxhash
 
 from megalm.checkpoint.fragments import Fragment, _Slot
-from megalm.checkpoint.meta import CheckpointError, CheckpointMeta, FileEntry
+from megalm.checkpoint.meta import CheckpointMeta, FileEntry
+from megalm.errors import CheckpointError
 from megalm.parallel.tensor_parallel import Shard
 
 CHUNK = 16 << 20  # bytes per write (and per checksum update)

@@ -41,11 +41,12 @@ import torch.distributed as dist
 
 from megalm.checkpoint import catalog
 from megalm.checkpoint.fragments import Fragment, adam_step, ensure_optimizer_state, local_slots
-from megalm.checkpoint.meta import CheckpointError, CheckpointMeta, FileEntry, Layout
+from megalm.checkpoint.meta import CheckpointMeta, FileEntry, Layout
 from megalm.checkpoint.shards import CheckpointReader, Staging, checksum, rank_index, write_file, write_rank
-from megalm.config import Config, ConfigError, load_config
+from megalm.config import Config, load_config
 from megalm.data.location import Location
 from megalm.data.tokenizer import load_tokenizer, tokenizer_hash
+from megalm.errors import CheckpointError, ConfigError
 from megalm.model.transformer import one_process_names
 from megalm.parallel.mesh import Mesh
 from megalm.records import atomic_write_text, fsync_dir

@@ -5,8 +5,10 @@
 # (preflight, then torchrun with c10d rendezvous on the first node, port from the job id); a node
 # that fails ends the job (after the watchdog has named the rank that failed first). USR1
 # (sent by Slurm `--signal=B:USR1@lead` before the time limit, or by a preemption) is passed to every
-# rank, which saves and stops; then the job requeues itself unless the run is finished or keeps
-# failing at the same step. TERM (scancel) also makes every rank save, but does not requeue.
+# rank, which saves and stops (exit code 75); then the job requeues itself unless the run is
+# finished, failed with a config error (2), or keeps failing at the same step. TERM (scancel) also
+# makes every rank save, but does not requeue. A rank's error ends the job within seconds (every
+# rank and node names it; exit code 1), a watchdog verdict within its timeout (3).
 set -uo pipefail
 GPUS=${MEGALM_GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 GPU_FLAG=--gpus

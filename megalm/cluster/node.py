@@ -5,13 +5,20 @@
 
 Slurm's srun starts one of these per node (slurm/); ``launch/train.sh`` runs one for a single node.
 torchrun does not pass SIGUSR1 (the time limit is near, or the job is preempted) to its workers,
-and dies of it: so torchrun is started ignoring it, and this launcher forwards SIGUSR1 and SIGTERM
-to the workers themselves (see ``Forwarder``).
+and dies of it; on Ctrl-C it sends its workers a second SIGINT, which would stop them without
+their save. So torchrun runs in a session of its own, ignoring SIGUSR1, and this launcher forwards
+SIGUSR1, SIGTERM and SIGINT to the workers itself (see ``Forwarder``), once each.
+
+When training ends badly the launcher's last line says why: the first failure or the watchdog's
+verdict, as the ranks recorded it in ``RUN_DIR/failures.txt``. Its exit code is the run's (see
+megalm/errors.py): 75 when a stop signal ended it after its save, 3 for a watchdog verdict, 1 for
+an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import subprocess
@@ -20,6 +27,10 @@ import time
 from pathlib import Path
 
 import psutil
+
+from megalm.errors import EXIT_ERROR, EXIT_STOPPED, EXIT_USAGE, EXIT_WATCHDOG, FAILURES_FILE, ConfigError
+
+PR_SET_PDEATHSIG = 1  # prctl: the signal a process gets when its parent dies
 
 
 def parse(argv):
@@ -35,7 +46,7 @@ def parse(argv):
 
 
 def torchrun_command(args, cfg) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nnodes}",
+    cmd = [sys.executable, "-m", "megalm.cluster.torchrun", f"--nnodes={args.nnodes}",
            f"--nproc_per_node={args.nproc_per_node}", "--max_restarts=0"]
     if args.rdzv:
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv}", f"--rdzv_id={args.rdzv_id}",
@@ -54,7 +65,7 @@ class Forwarder:
     def __init__(self):
         self.pending: set[int] = set()
         self.sent: set[tuple[int, int]] = set()  # (worker pid, signal)
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
+        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame) -> None:
@@ -93,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     forwarder = Forwarder()
     args = parse(argv)
     from megalm.cluster.preflight import PreflightError, preflight  # imports torch: after the handlers
-    from megalm.config import ConfigError, load_config
-    from megalm.train.watchdog import VERDICT_FILE
+    from megalm.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -105,29 +115,60 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megalm preflight: {line}", file=sys.stderr, flush=True)
     except (ConfigError, PreflightError) as e:
         print(f"megalm preflight: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    torchrun = subprocess.Popen(torchrun_command(args, cfg),
-                                preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
-    verdicts = Path(cfg.train.run_dir) / VERDICT_FILE
-    before = verdicts.stat().st_size if verdicts.is_file() else 0
+        return EXIT_USAGE
+    failures = Path(cfg.train.run_dir) / FAILURES_FILE
+    before = failures.stat().st_size if failures.is_file() else 0
+    torchrun = subprocess.Popen(torchrun_command(args, cfg), start_new_session=True, preexec_fn=_torchrun_signals)
     while torchrun.poll() is None:
         forwarder.forward(torchrun)
         time.sleep(0.2)
-    if torchrun.returncode != 0 and cfg.train.watchdog_timeout_s:
-        await_verdict(verdicts, before, cfg.train.watchdog_timeout_s + 30)
+    if torchrun.returncode == 0:
+        return 0
+    why = new_lines(failures, before)
+    stopped = forwarder.pending or torchrun.returncode == EXIT_STOPPED  # asked to stop: nothing to wait for
+    if not why and args.nnodes > 1 and cfg.train.watchdog_timeout_s and not stopped:
+        # this node's ranks died without a word: the watchdog on the other nodes names the culprit
+        why = await_verdict(failures, before, cfg.train.watchdog_timeout_s + 30)
+    if why:
+        line = why[0].split(" ", 1)[1]  # after its date
+        print(f"megalm node: training failed: {line}", file=sys.stderr, flush=True)
+        return EXIT_WATCHDOG if line.startswith("watchdog:") else EXIT_ERROR
+    if stopped:
+        print(f"megalm node: training stopped after a signal, with its checkpoint saved; run the same command again "
+              f"to resume (exit code {EXIT_STOPPED})", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     return torchrun.returncode
 
 
-def await_verdict(verdicts: Path, before: int, wait_s: float) -> None:
-    """This node's training failed. Before its failure ends the job (srun --kill-on-bad-exit), give
-    the watchdog on the surviving ranks the time to name the rank that failed first."""
+def _torchrun_signals() -> None:
+    """In torchrun's process, before it starts: ignore SIGUSR1 (the launcher forwards it), and die
+    with the launcher (torchrun is in a session of its own, out of reach of the terminal's signals)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def new_lines(path: Path, before: int) -> list[str]:
+    """The lines appended to ``path`` since it had ``before`` bytes."""
+    if not path.is_file() or path.stat().st_size <= before:
+        return []
+    with open(path) as f:
+        f.seek(before)
+        return f.read().splitlines()
+
+
+def await_verdict(failures: Path, before: int, wait_s: float) -> list[str]:
+    """This node's training failed without a word. Before its failure ends the job (srun
+    --kill-on-bad-exit), give the watchdog on the surviving ranks the time to name the rank that
+    failed first."""
     print(f"megalm node: training failed on this node; waiting up to {wait_s:.0f} s for the watchdog's verdict",
           file=sys.stderr, flush=True)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if verdicts.is_file() and verdicts.stat().st_size > before:
-            return
+        lines = new_lines(failures, before)
+        if lines:
+            return lines
         time.sleep(0.5)
+    return []
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ import socket
 import time
 from pathlib import Path
 
-from megalm.config import Config, ConfigError, data_parallel_size, validate
-from megalm.train.watchdog import node_name
+from megalm.config import Config, data_parallel_size, validate
+from megalm.data.location import Location
+from megalm.errors import ConfigError, DataError, UsageError
+from megalm.parallel.distributed import node_name
 
 
-class PreflightError(RuntimeError):
-    """Something that would make the job hang or fail later, named now."""
+class PreflightError(UsageError):
+    """Something that would make the job hang or fail later, named now (exit code 2)."""
 
 
 def versions() -> str:
@@ -94,11 +96,7 @@ def check_rendezvous(endpoint: str, first: bool, wait_s: float) -> str:
 
 def check_shared_storage(cfg: Config, nnodes: int, job_id: str, wait_s: float) -> str:
     """Every node must see the prepared data, and the same run dir (checkpoints span nodes)."""
-    index = Path(cfg.data.dir) / "index.json"
-    if not index.is_file():
-        if nnodes > 1:
-            raise PreflightError(f"data.dir {cfg.data.dir}: no index.json on {node_name()}; prepare it first "
-                                 f"(megalm prepare) on a filesystem every node mounts")
+    data = check_data(cfg, nnodes)
     marks = Path(cfg.train.run_dir) / "slurm" / f"preflight-{job_id}"
     try:
         marks.mkdir(parents=True, exist_ok=True)
@@ -112,8 +110,26 @@ def check_shared_storage(cfg: Config, nnodes: int, job_id: str, wait_s: float) -
             raise PreflightError(f"train.run_dir {cfg.train.run_dir}: {node_name()} sees the marks of {seen} only, "
                                  f"not of all {nnodes} nodes: the run dir must be on storage every node shares")
         time.sleep(0.5)
-    return f"storage: data.dir and train.run_dir shared by all {nnodes} nodes" if nnodes > 1 else \
-        f"storage: data.dir {cfg.data.dir}{'' if index.is_file() else ' (rank 0 prepares it)'}"
+    return f"storage: data.dir ({data}) and train.run_dir shared by all {nnodes} nodes" if nnodes > 1 else \
+        f"storage: data.dir {cfg.data.dir} ({data})"
+
+
+def check_data(cfg: Config, nnodes: int) -> str:
+    """This node reaches the prepared data.dir: a local one has its index.json (with one node, rank 0
+    may still prepare it), a remote one (http, pipe:) answers with it."""
+    location = Location(cfg.data.dir, cfg.data.shards, cfg.data.cache_dir)
+    if location.is_local:
+        if (Path(cfg.data.dir) / "index.json").is_file():
+            return "prepared"
+        if nnodes > 1:
+            raise PreflightError(f"data.dir {cfg.data.dir}: no index.json on {node_name()}; prepare it first "
+                                 f"(megalm prepare) on a filesystem every node mounts")
+        return "rank 0 prepares it"
+    try:
+        manifest = location.manifest()
+    except DataError as e:
+        raise PreflightError(f"data.dir {cfg.data.dir}: {node_name()} cannot read its index.json: {e}") from None
+    return f"remote, {len(manifest.train)} train shards"
 
 
 def preflight(cfg: Config, *, nnodes: int, nproc: int, gpus: bool, endpoint: str | None, first: bool,

@@ -2,7 +2,8 @@
 
     python -m megalm.cluster.requeue CONFIG [overrides] --exit-code RC     (prints: requeue | done)
 
-Finished (the newest checkpoint is at ``train.steps``, or ``train.stop_at``): done. Otherwise the
+Finished (the newest checkpoint is at ``train.steps``, or ``train.stop_at``): done. A config or usage
+error (exit code 2: the preflight's, say) would fail the same way again: done. Otherwise the
 run stopped early — the time limit, a preemption, a failed node — and is requeued to resume from
 its newest checkpoint; unless it has now ended at the same step ``slurm.max_requeues`` times in a
 row, which means it fails there every time: then it stops, saying so. The count lives in the run
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from megalm.checkpoint import catalog
-from megalm.checkpoint.meta import CheckpointError, CheckpointMeta
+from megalm.checkpoint.meta import CheckpointMeta
 from megalm.config import load_config
+from megalm.errors import EXIT_USAGE, CheckpointError
 from megalm.records import Record
 
 
@@ -51,6 +53,9 @@ def decide(config: str, overrides: list[str], exit_code: int, job_id: str) -> tu
     step = newest_step(run_dir)
     if step >= target:
         return False, f"finished: the newest checkpoint is at step {step} of {target}"
+    if exit_code == EXIT_USAGE:
+        return False, (f"not requeueing: a config or usage error (exit code {exit_code}) does not go away by "
+                       f"itself: see the log above")
     folder = run_dir / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
     history = RequeueHistory.read(folder) if (folder / RequeueHistory.FILE).is_file() else RequeueHistory()

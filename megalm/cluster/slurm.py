@@ -17,13 +17,10 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from megalm.config import Config, ConfigError, load_config, validate
+from megalm.config import Config, load_config, validate
+from megalm.errors import ConfigError, SlurmError
 
 JOB_BODY = Path(__file__).with_name("job.sh")
-
-
-class SlurmError(RuntimeError):
-    """Slurm refused what megalm asked of it."""
 
 
 def parse(argv):

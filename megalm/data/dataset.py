@@ -26,7 +26,7 @@ import numpy as np
 from megalm.config import DataConfig, MixSource
 from megalm.data.location import Location
 from megalm.data.manifest import DataManifest, ShardEntry
-from megalm.data.sources import DataError
+from megalm.errors import DataError
 
 log = logging.getLogger("megalm.data")
 

@@ -32,7 +32,7 @@ from megalm.config import BatchLayout
 from megalm.data.dataset import TrainSource, apportion
 from megalm.data.location import BadShard
 from megalm.data.manifest import ShardEntry
-from megalm.data.sources import DataError
+from megalm.errors import DataError
 from megalm.parallel.tensor_parallel import IGNORE
 
 log = logging.getLogger("megalm.data")

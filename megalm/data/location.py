@@ -31,7 +31,7 @@ import braceexpand
 import xxhash
 
 from megalm.data.manifest import DataManifest, ShardEntry
-from megalm.data.sources import DataError
+from megalm.errors import DataError
 
 CHUNK = 1 << 20
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -118,9 +118,15 @@ class Location:
             return f.read()
 
     def local_file(self, name: str) -> Path:
-        """A local path holding the file: itself when local, else a copy in the cache."""
+        """A local path holding the file (index.json's tokenizer): itself when local, else a copy in
+        the cache. A local one that is missing is a DataError naming the directory."""
         if self.is_local and name not in self._shard_urls:
-            return Path(self.url(name))
+            path = Path(self.url(name))
+            if not path.is_file():
+                raise DataError(f"{self.base}: a prepared directory without its {name} (index.json names it); put "
+                                f"back the one it was prepared with, or prepare it again: megalm prepare --force "
+                                f"with this data.dir and data.source")
+            return path
         self.cache.mkdir(parents=True, exist_ok=True)
         dest = self.cache / f"{_safe_prefix(self.base)}-{name}"
         if not dest.exists():

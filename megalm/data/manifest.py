@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from megalm.config import DataConfig
-from megalm.data.sources import DataError
+from megalm.errors import DataError
 from megalm.records import Record, atomic_write_text
 
 

@@ -21,14 +21,18 @@ shards' checksums and writes only the rest.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import logging
 import os
+import resource
 import shutil
 import sys
 import tarfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +47,9 @@ from megalm.data.location import Location
 from megalm.data.manifest import (DONE_SHARDS, CleaningCounts, DataManifest, DoneShard, PrepareProgress,
                                   PrepareSettings, ScanResult, ShardEntry, append_done_shard, read_done_shards,
                                   write_done_shards)
-from megalm.data.sources import DataError, Source, open_source
+from megalm.data.sources import Source, open_source
 from megalm.data.tokenizer import eot_id, load_tokenizer, token_dtype, tokenizer_hash, train_tokenizer
+from megalm.errors import DataError
 from megalm.records import fsync_dir
 
 log = logging.getLogger("megalm.data")
@@ -78,7 +83,13 @@ def ensure_prepared(cfg: DataConfig) -> DataManifest:
 
 
 def prepare(cfg: DataConfig, force: bool = False) -> DataManifest:
-    """Prepare ``cfg.dir`` from ``cfg.source`` unless it already holds the same preparation."""
+    """Prepare ``cfg.dir`` from ``cfg.source`` unless it already holds the same preparation. A remote
+    ``data.dir`` (http, pipe:) is only read: prepare into a local directory and upload that."""
+    if not Location(cfg.dir, cfg.shards, cfg.cache_dir).is_local:
+        if force:
+            raise DataError(f"data.dir {cfg.dir}: remote, so it cannot be prepared in place; prepare into a local "
+                            f"directory (data.dir=PATH) and copy it there")
+        return ensure_prepared(cfg)
     out = Path(cfg.dir)
     settings = PrepareSettings.of(cfg)
     if (out / DataManifest.FILE).is_file() and not force:
@@ -111,7 +122,8 @@ def prepare(cfg: DataConfig, force: bool = False) -> DataManifest:
     manifest = _manifest(progress, done, tok, counts, round(time.time() - t0, 1))
     for name in (PrepareProgress.FILE, PLAN, DONE_SHARDS):
         (tmp / name).unlink(missing_ok=True)
-    manifest.write(tmp)
+    with _writing(tmp / DataManifest.FILE):
+        manifest.write(tmp)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +142,31 @@ def _usable_cpus() -> int:
 
 def _describe(differ: dict[str, tuple]) -> str:
     return ", ".join(f"{key}={new!r} here, {old!r} there" for key, (new, old) in differ.items())
+
+
+@contextlib.contextmanager
+def _writing(path: Path, abandon: Callable[[], None] | None = None) -> Iterator[None]:
+    """A write of ``path`` that fails (the disk is full, a file-size limit) is a DataError naming the
+    file and the space left, instead of an OSError that names neither; ``abandon`` lets go of what
+    was open. What was done before stays in the temporary directory (see ``prepare``) for the rerun."""
+    try:
+        yield
+    except OSError as e:
+        if abandon is not None:
+            abandon()
+        raise DataError(f"{path}: cannot write: {e.strerror or e}; {_space(path, e)}; make room and run the same "
+                        f"command again") from None
+
+
+def _space(path: Path, e: OSError) -> str:
+    """The free space on ``path``'s file system, and the file-size limit when that is what was hit."""
+    free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.is_dir())).free
+    text = f"{free / 1e9:.1f} GB" if free >= 1e9 else f"{free / 1e6:.1f} MB"
+    text += " free on its file system"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if e.errno == errno.EFBIG and limit != resource.RLIM_INFINITY:
+        text += f", and files are limited to {limit:,} bytes (ulimit -f)"
+    return text
 
 
 # ------------------------------------------------------------------------------------ pass 1: scan
@@ -151,8 +188,10 @@ def _scan(tmp: Path, settings: PrepareSettings, source: Source, cfg: DataConfig,
     else:
         tok = train_tokenizer(texts, cfg.vocab_size)
     plan, scan = scanner.finish(source)
-    tok.save(str(tmp / TOKENIZER))
-    np.save(tmp / PLAN, plan)
+    with _writing(tmp / TOKENIZER):
+        (tmp / TOKENIZER).write_text(tok.to_str(pretty=True))  # as tok.save writes it, but failing as an OSError
+    with _writing(tmp / PLAN):
+        np.save(tmp / PLAN, plan)
     c = scan.cleaning
     log.info("data: kept %d of %d documents (dropped %d not UTF-8, %d empty, %d shorter than %d characters, "
              "%d duplicates; normalized %d, removed %d control characters) in %.1fs", c.documents_out,
@@ -160,7 +199,8 @@ def _scan(tmp: Path, settings: PrepareSettings, source: Source, cfg: DataConfig,
              c.control_chars_removed, time.time() - t0)
     progress = PrepareProgress(settings=settings, source_fingerprint=source.fingerprint(),
                                tokenizer_hash=tokenizer_hash(tmp / TOKENIZER), scan=scan)
-    progress.write(tmp)
+    with _writing(tmp / PrepareProgress.FILE):
+        progress.write(tmp)
     return progress, plan, []
 
 
@@ -266,7 +306,8 @@ def _resume(tmp: Path, settings: PrepareSettings, source: Source,
         shutil.rmtree(tmp)
         return None
     done = _verified(tmp, read_done_shards(tmp))
-    write_done_shards(tmp, done)  # without the shards to write again, and a line a crash cut short
+    with _writing(tmp / DONE_SHARDS):
+        write_done_shards(tmp, done)  # without the shards to write again, and a line a crash cut short
     log.info("data: resuming the preparation in %s: %d of its shards are written", tmp, len(done))
     return progress, plan, done
 
@@ -350,10 +391,11 @@ class _Split:
         return f"{self.name}-{self.next_shard:06d}.tar"
 
     def add(self, tokens: np.ndarray, text_bytes: int) -> None:
-        if self.tar is None:
-            self.file = open(self.root / self.shard_name, "wb")
-            self.tar = wds.TarWriter(self.file, mtime=0)  # a fixed time: the same input gives the same bytes
-        self.tar.write({"__key__": f"{self.next_key:09d}", "tokens.npy": tokens})
+        with _writing(self.root / self.shard_name, self._abandon):
+            if self.tar is None:
+                self.file = open(self.root / self.shard_name, "wb")
+                self.tar = wds.TarWriter(self.file, mtime=0)  # a fixed time: the same input gives the same bytes
+            self.tar.write({"__key__": f"{self.next_key:09d}", "tokens.npy": tokens})
         self.next_key += 1
         self.docs.append(tokens)
         self.tokens += len(tokens)
@@ -362,17 +404,26 @@ class _Split:
     def close(self, end: int) -> tuple[DoneShard, list[np.ndarray]]:
         """Close the open shard, whose last document is the one before ``end`` in the source; returns
         its record and its documents."""
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
         path = self.root / self.shard_name
+        with _writing(path, self._abandon):
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
         entry = ShardEntry(self.shard_name, len(self.docs), self.tokens, path.stat().st_size, checksum(path))
         closed = DoneShard(self.name, entry, end, self.text_bytes), self.docs
         self.next_shard += 1
         self.file = self.tar = None
         self.docs, self.tokens, self.text_bytes = [], 0, 0
         return closed
+
+    def _abandon(self) -> None:
+        """After a failed write: close the open shard without writing more (a rerun writes it again
+        from its first document), so that the tar stream does not retry the write when collected."""
+        for close in (self.tar.close, self.file.close) if self.tar is not None else ():
+            with contextlib.suppress(OSError, ValueError):
+                close()
+        self.file = self.tar = None
 
 
 class _Shards:
@@ -402,7 +453,8 @@ class _Shards:
         if shard.split == SPLITS[TRAIN]:
             self._count(docs)
         self.done.append(shard)
-        append_done_shard(self.tmp, shard)
+        with _writing(self.tmp / DONE_SHARDS):
+            append_done_shard(self.tmp, shard)
 
     def _count(self, docs: list[np.ndarray]) -> None:
         self.counts += np.bincount(np.concatenate(docs), minlength=len(self.counts))

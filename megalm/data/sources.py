@@ -17,8 +17,7 @@ by the cleaning step so that files which are not UTF-8 are counted there, or the
 row; a null text is an empty document. Input that cannot be read as its format says is a
 DataError naming the file and line or row.
 
-The readers' libraries (zstandard, pyarrow, datasets) are imported when a file needs them: every
-module that raises DataError imports this one.
+The readers' libraries (zstandard, pyarrow, datasets) are imported when a file needs them.
 """
 
 from __future__ import annotations
@@ -31,12 +30,10 @@ import sysconfig
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+from megalm.errors import DataError
+
 Document = tuple[str, str | bytes]
 ROWS_PER_BATCH = 1024
-
-
-class DataError(RuntimeError):
-    """A problem with input data (source, tokenizer, shards), reported with the file's name."""
 
 
 def python_stdlib_root() -> Path:

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megalm.data.sources import DataError
+from megalm.errors import DataError
 
 EOT = "<|endoftext|>"
 MASK = "<|mask|>"

@@ -29,9 +29,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from megalm.data.clean import OK, Cleaner, digest
-from megalm.data.sources import DataError
 from megalm.data.tokenizer import encode as encode_texts
 from megalm.data.tokenizer import load_tokenizer
+from megalm.errors import DataError
 
 CHUNK_CHARS = 1 << 20  # a chunk ends once its bodies reach this size...
 CHUNK_DOCS = 4096  # ...or this many documents: a few tenths of a second of a worker's time

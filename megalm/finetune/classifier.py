@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megalm.checkpoint import catalog
-from megalm.checkpoint.meta import CheckpointError
 from megalm.checkpoint.shards import CheckpointReader
 from megalm.config import FinetuneConfig, ModelConfig, from_dict
+from megalm.errors import CheckpointError
 from megalm.finetune.labelled import PAD, trim
 from megalm.model.transformer import Transformer, layer_ids
 from megalm.parallel.mesh import Mesh
@@ -74,11 +74,10 @@ class ClassifierHead(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def load_classifier(path: str | Path, device: str = "cpu") -> tuple[Classifier, FinetuneConfig, Path]:
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, FinetuneConfig, Path]:
     """The classifier of a fine-tuning run dir's newest checkpoint (or of one checkpoint dir), in
     eval mode, with the run's fine-tuning settings (labels, max_len)."""
-    ckpt = catalog.resolve(path)
-    meta = catalog.verify(ckpt, checksums=False)
+    ckpt, meta = catalog.resolve_verified(path)
     finetune = from_dict(FinetuneConfig, meta.config.get("finetune", {}), "finetune")
     if finetune.task != "classify":
         raise CheckpointError(f"{ckpt}: not a classifier; fine-tune one with "

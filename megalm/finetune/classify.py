@@ -31,8 +31,9 @@ from megalm.checkpoint import catalog
 from megalm.checkpoint.meta import CheckpointMeta
 from megalm.checkpoint.shards import CheckpointReader
 from megalm.checkpoint.store import FREE_MODEL_KEYS, TOKENIZER, Checkpointer
-from megalm.config import Config, ConfigError, ModelConfig, batch_layout, from_dict, load_config, validate
+from megalm.config import Config, ModelConfig, batch_layout, from_dict, load_config, validate
 from megalm.data.tokenizer import load_tokenizer
+from megalm.errors import EXIT_STOPPED, ConfigError
 from megalm.finetune.classifier import Classifier, class_log_probs
 from megalm.finetune.labelled import PAD, ClassifyLoader, Record, labelled_set, read_records
 from megalm.finetune.metrics import plot_confusion, report
@@ -60,8 +61,8 @@ TRAIN_DEFAULTS = {"run_dir": "runs/classify", "steps": 200, "global_batch": 32, 
 def finetune_config(ckpt: str, train_file: str, eval_file: str,
                     overrides: list[str]) -> tuple[Config, list[Record], list[Record]]:
     """The run's config, and the training and evaluation records it was derived from."""
-    base = catalog.resolve(ckpt)
-    saved = catalog.verify(base, checksums=False).config
+    base, meta = catalog.resolve_verified(ckpt)  # every file checked here; ClassifyRun then reads its weights
+    saved = meta.config
     train, evaluation = read_records(train_file), read_records(eval_file)
     # JSON is YAML: the checkpoint's sections go through the overrides' one path of parsing and checking
     sections = {"model": saved["model"], "data": saved["data"], "train": TRAIN_DEFAULTS}
@@ -267,7 +268,8 @@ class ClassifyRun:
             log.info("classify: %d steps of %d texts (%d ranks x %d micro-batches of %d%s), from step %d (epoch %.2f)",
                      t.steps, b.global_batch, b.dp, b.grad_accum, b.micro_batch_size,
                      f", {b.padding} padding" if b.padding else "", self.state.step, self.loader.epoch)
-        _, scores = run_steps(self, last)
+        end = run_steps(self, last)
+        self.stopped, scores = end.stopped, end.evaluated
         self.checkpointer.wait()  # the last checkpoint is complete before the run reports
         if self.state.step < t.steps:
             scores = None  # stopped before the end: the scores so far are in metrics.jsonl
@@ -285,10 +287,12 @@ def main(args) -> int:
     cfg, train, evaluation = finetune_config(args.ckpt, args.train, args.eval, args.overrides)
     run = ClassifyRun(cfg, train, evaluation)
     scores = run.run()
-    if not run.world.is_main:
-        return 0
     if scores is None:
-        print(f"classify: stopped at step {run.state.step} of {cfg.train.steps}; run the same command again to go on")
+        if run.world.is_main:
+            print(f"classify: stopped at step {run.state.step} of {cfg.train.steps}; run the same command again to "
+                  f"go on")
+        return EXIT_STOPPED if run.stopped else 0  # a signal's stop, or train.stop_at's
+    if not run.world.is_main:
         return 0
     base = scores["majority_baseline"]
     print(f"classify: {scores['step']} steps in {time.time() - run.t_start:.0f}s; scored {scores['examples']} "

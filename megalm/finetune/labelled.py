@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from megalm.config import BatchLayout
 from megalm.data.loader import check_identity
-from megalm.data.sources import DataError
+from megalm.errors import DataError
 from megalm.parallel.tensor_parallel import IGNORE
 
 PAD = -1  # token id of the padding after a text's end

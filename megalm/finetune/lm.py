@@ -17,8 +17,8 @@ from pathlib import Path
 
 from megalm.checkpoint import catalog
 from megalm.checkpoint.store import run_config
-from megalm.cli import log_summary
-from megalm.config import Config, ConfigError
+from megalm.config import Config
+from megalm.errors import ConfigError
 from megalm.train.trainer import train
 
 
@@ -26,8 +26,7 @@ def main(args) -> int:
     if not args.data:
         raise ConfigError("--data: continued pretraining (--task lm) needs a prepared data directory, made with the "
                           "checkpoint's tokenizer (megalm prepare data.tokenizer=CKPT ...)")
-    log_summary(train(finetune_config(catalog.resolve(args.ckpt), args.data, args.keep_optimizer, args.overrides)))
-    return 0
+    return train(finetune_config(catalog.resolve_verified(args.ckpt)[0], args.data, args.keep_optimizer, args.overrides)).report()
 
 
 def finetune_config(ckpt: Path, data_dir: str, keep_optimizer: bool, overrides: list[str]) -> Config:

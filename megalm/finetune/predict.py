@@ -14,10 +14,11 @@ import sys
 import torch
 
 from megalm.checkpoint.store import TOKENIZER
-from megalm.config import ConfigError
 from megalm.data.tokenizer import load_tokenizer
+from megalm.errors import ConfigError
 from megalm.finetune.classifier import class_log_probs, load_classifier
 from megalm.finetune.labelled import encode_texts, read_records
+from megalm.parallel.distributed import pick_device
 
 BATCH = 64  # texts per forward pass
 
@@ -27,11 +28,12 @@ def main(args) -> int:
         raise ConfigError("megalm classify: give --text TEXT (repeatable) or --input FILE.jsonl")
     if any(not text.strip() for text in args.text or []):
         raise ConfigError("megalm classify: --text is empty; give some text to classify")
-    model, finetune, ckpt = load_classifier(args.run_dir, args.device)
+    device = pick_device(args.device, option="--device")
+    model, finetune, ckpt = load_classifier(args.run_dir, device)
     tok, labels = load_tokenizer(ckpt / TOKENIZER), finetune.labels
 
     def probs(texts: list[str]) -> torch.Tensor:
-        return class_log_probs(model, encode_texts(tok, texts, finetune.max_len), BATCH, args.device).exp()
+        return class_log_probs(model, encode_texts(tok, texts, finetune.max_len), BATCH, device).exp()
 
     for text, p in zip(args.text or [], probs(args.text) if args.text else []):
         best = int(p.argmax())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -25,8 +26,23 @@ from megalm.records import atomic_write_text
 log = logging.getLogger("megalm")
 
 
+def finite(row: dict) -> dict:
+    """``row`` with each non-finite number (a NaN loss, an infinite gradient norm) as None, and a
+    ``nonfinite`` field naming those fields: JSON has no NaN or Infinity, and Python's bare ``NaN``
+    breaks strict readers (jq, JavaScript, pandas' ``lines=True`` loader)."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    return {**{k: None if k in bad else v for k, v in row.items()}, "nonfinite": bad} if bad else row
+
+
+def metrics_line(row: dict) -> str:
+    """One line of metrics.jsonl: strict JSON (see ``finite``); a non-finite number that gets past
+    ``finite`` (nested) fails here, loudly, instead of being written."""
+    return json.dumps(finite(row), allow_nan=False) + "\n"
+
+
 class MetricsSink:
-    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl and mirrors it to wandb."""
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl (strict JSON: ``metrics_line``)
+    and mirrors it to wandb."""
 
     def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -37,7 +53,7 @@ class MetricsSink:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(metrics_line(row))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
@@ -114,7 +130,7 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     rows = [r for r in read_metrics(run_dir) if r["step"] <= step]
     if path.is_file():
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(path, "".join(metrics_line(r) for r in rows))
 
 
 class Throughput:

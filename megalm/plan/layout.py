@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megalm.config import Config, ConfigError, _validate_model_split, batch_layout
+from megalm.config import Config, _validate_model_split, batch_layout
+from megalm.errors import ConfigError
 
 CHECKPOINTING = ("none", "selective", "full")
 

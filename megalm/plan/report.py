@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megalm.config import Config, ConfigError, load_config, run_file, shipped
+from megalm.config import Config, load_config, run_file, shipped
+from megalm.errors import ConfigError
 from megalm.model.transformer import parameter_count
 from megalm.plan.hardware import CUDA_OVERHEAD_GB, Cluster, cluster
 from megalm.plan.layout import Layout, layouts

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from megalm.config import VOCAB_MULTIPLE, Config, ConfigError, batch_layout, validate
+from megalm.config import VOCAB_MULTIPLE, Config, batch_layout, validate
+from megalm.errors import ConfigError
 from megalm.model.layers import Block
 from megalm.model.transformer import Transformer, pipeline_module
 from megalm.parallel.mesh import Mesh

@@ -1,7 +1,8 @@
 """The step loop every training run shares (pretraining and classification fine-tuning).
 
 A run hands in its phases — ``train_step``, ``log_step``, ``evaluate``, ``save`` — and this loop
-calls them in order until the last step or a stop signal (SIGTERM/SIGUSR1, agreed by every rank).
+calls them in order until the last step or a stop signal (SIGTERM, SIGUSR1 or Ctrl-C, agreed by
+every rank: see preemption.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from megalm.observe.metrics import ProgressBar
 from megalm.train.preemption import StopFlag
@@ -18,15 +19,21 @@ from megalm.train.preemption import StopFlag
 log = logging.getLogger("megalm")
 
 
-def run_steps(run, last: int, profiler=None) -> tuple[Path | None, Any]:
+class LoopEnd(NamedTuple):
+    checkpoint: Path | None  # the last checkpoint saved (None if none was)
+    evaluated: Any  # the last evaluation's result (None if none ran)
+    stopped: bool  # a stop signal ended the loop before its last step
+
+
+def run_steps(run, last: int, profiler=None) -> LoopEnd:
     """Train, log, evaluate and save, step by step, up to step ``last``. ``run`` has ``cfg``,
     ``state.step``, ``engine`` and ``world`` and the four phases; ``profiler`` (a StepProfiler)
-    brackets each step. Returns the last checkpoint saved and the last evaluation's result (None
-    for either that did not happen)."""
+    brackets each step."""
     t = run.cfg.train
     bar = ProgressBar(t.steps, run.state.step, enabled=run.world.is_main and t.progress)
     stop = StopFlag()
     ckpt = evaluated = None
+    stopped = False
     while run.state.step < last:
         started = time.perf_counter()
         step = run.state.step + 1
@@ -41,8 +48,10 @@ def run_steps(run, last: int, profiler=None) -> tuple[Path | None, Any]:
             evaluated = run.evaluate()
         if t.save and ((t.save_every and step % t.save_every == 0) or step == last or signalled):
             ckpt = run.save()
-        if signalled:
-            log.warning("stopped at step %d after a signal; resume by running the same command again", step)
+        if signalled and step < last:
+            log.warning("stopped at step %d of %d after a signal; resume by running the same command again",
+                        step, last)
+            stopped = True
             break
     bar.close()
-    return ckpt, evaluated
+    return LoopEnd(ckpt, evaluated, stopped)

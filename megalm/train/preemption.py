@@ -1,7 +1,11 @@
-"""Stopping on request: SIGTERM or SIGUSR1 (preemption, a job's time limit) ends training cleanly.
+"""Stopping on request: SIGTERM, SIGUSR1 (preemption, a job's time limit) or Ctrl-C (SIGINT) ends
+training cleanly, with a checkpoint.
 
 The handler only sets a flag; the trainer asks, once per step, whether any rank was signalled
-(ranks may receive the signal at different steps), then every rank saves and stops together.
+(ranks may receive the signal at different steps), then every rank saves and stops together and
+the command exits with EXIT_STOPPED (75): stopped early, run the same command again to resume. A
+second Ctrl-C stops at once without the save (KeyboardInterrupt, exit 130), for when the save
+itself is what hangs.
 """
 
 from __future__ import annotations
@@ -14,19 +18,32 @@ import torch.distributed as dist
 
 log = logging.getLogger("megalm")
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_received: list[str] = []  # every stop signal this process received while training
+
+
+def stop_requested() -> bool:
+    """Whether this process was asked to stop (while a failure is reported, it then ends at once)."""
+    return bool(_received)
+
 
 class StopFlag:
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.requested: str | None = None  # the name of the first stop signal received
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        log.warning("received %s: will checkpoint and stop after this step%s", name,
+                    " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else "")
+        self.requested = self.requested or name
+        _received.append(name)
 
     def agreed(self, device: torch.device) -> bool:
         """Collective: True on every rank if any rank was signalled."""
-        flag = torch.tensor([float(self.requested)], device=device)
+        flag = torch.tensor([float(self.requested is not None)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

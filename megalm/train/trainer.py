@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from megalm_kernels.benchmarking import device_name
 
 from megalm.checkpoint.store import Checkpointer
@@ -27,6 +26,7 @@ from megalm.config import Config, batch_layout, validate
 from megalm.data.dataset import TrainSource, open_sources
 from megalm.data.loader import Step, TrainLoader, validation_sequences
 from megalm.data.prepare import ensure_prepared
+from megalm.errors import EXIT_STOPPED, FAILURES_FILE
 from megalm.model.transformer import parameter_count
 from megalm.observe.flops import flops_per_token, mfu, peak_tflops
 from megalm.observe.metrics import (MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after,
@@ -38,10 +38,11 @@ from megalm.parallel.distributed import all_reduce_mean, init_distributed, launc
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
 from megalm.train.evaluate import score
-from megalm.train.objective import build_objective
 from megalm.train.loop import run_steps
+from megalm.train.objective import build_objective
+from megalm.train.run_lock import RunLock
 from megalm.train.state import RNGState, TrainState
-from megalm.train.watchdog import VERDICT_FILE, Watchdog
+from megalm.train.watchdog import Watchdog
 
 log = logging.getLogger("megalm")
 
@@ -51,21 +52,39 @@ class Summary:
     run_dir: Path
     steps: int
     tokens: int
-    val_loss: float
+    val_loss: float | None  # None: stopped before any evaluation
     val_ppl: float
     wall_s: float
     checkpoint: Path | None
     unigram_entropy_nats: float
+    stopped: bool = False  # by a signal, before the last step (after saving)
+
+    def report(self) -> int:
+        """The run's last line (rank 0 logs it); the exit code of the command that ran it."""
+        if self.stopped:
+            log.info("stopped at step %d (%d tokens) after %.0fs; checkpoint %s; run the same command again to "
+                     "resume (exit code %d)", self.steps, self.tokens, self.wall_s, self.checkpoint, EXIT_STOPPED)
+            return EXIT_STOPPED
+        log.info("done: %d steps, %d tokens in %.0fs; val loss %.4f (ppl %.2f); checkpoint %s",
+                 self.steps, self.tokens, self.wall_s, self.val_loss, self.val_ppl, self.checkpoint)
+        return 0
 
 
 class Trainer:
     def __init__(self, cfg: Config):
         self.t_start = time.time()
         self.world, self.mesh = self.start_world(cfg)
+        self.watchdog = Watchdog(cfg.train.watchdog_timeout_s, Path(cfg.train.run_dir) / FAILURES_FILE)
+        self.watchdog.start()
+        with self.watchdog.reporting():  # from here on a failure on any rank is told first, on every rank
+            self._set_up(cfg)
+
+    def _set_up(self, cfg: Config) -> None:
+        self.lock = self._lock_run_dir(cfg)
         self.cfg, self.sources = self._prepare_data(cfg)
         self.manifest = self.sources[0].manifest
         self.tokenizer = self.sources[0].location.local_file(self.manifest.tokenizer)
-        self.run_dir = self._make_run_dir()
+        self.run_dir = Path(self.cfg.train.run_dir)
         self.batch = batch_layout(self.cfg, self.mesh.dp)
         self.engine = self._build_engine()
         self.objective = build_objective(self.cfg, self.tokenizer)  # next-token or masked: inputs and labels
@@ -73,7 +92,6 @@ class Trainer:
         self.val = validation_sequences(self.sources, self.cfg.data.eval_sequences, self.loader.spool)
         self.checkpointer = self._build_checkpointer()
         self._resume()
-        self.watchdog = Watchdog(self.cfg.train.watchdog_timeout_s, self.run_dir / VERDICT_FILE)
 
         d, t = self.cfg.data, self.cfg.train
         self.tokens_per_step = t.global_batch * d.seq_len
@@ -110,11 +128,14 @@ class Trainer:
         sources = open_sources(cfg.data, cfg.train.global_batch)
         return resolve_model_config(cfg, sources[0].manifest.vocab_size), sources
 
-    def _make_run_dir(self) -> Path:
-        run_dir = Path(self.cfg.train.run_dir)
-        if self.world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
+    def _lock_run_dir(self, cfg: Config) -> RunLock | None:
+        """Rank 0 holds the run dir for this run (a second run on it is refused), until the process ends."""
+        if not self.world.is_main:
+            return None
+        lock = RunLock(Path(cfg.train.run_dir))
+        lock.acquire()
+        self.watchdog.at_exit(lock.release)
+        return lock
 
     def _build_engine(self):
         RNGState.seed(self.cfg.train.seed)  # dropout; weights are seeded per layer (tensor_parallel.init_layer)
@@ -250,6 +271,10 @@ class Trainer:
 
     def run(self) -> Summary:
         """Train to ``train.steps`` (or ``train.stop_at``, or a stop signal), then report."""
+        with self.watchdog.reporting():
+            return self._run()
+
+    def _run(self) -> Summary:
         t = self.cfg.train
         if self.world.is_main:
             b = self.batch
@@ -257,24 +282,21 @@ class Trainer:
                      "from step %d", t.steps, self.tokens_per_step, b.global_batch, b.dp, b.grad_accum,
                      b.micro_batch_size, f", {b.padding} padding" if b.padding else "", self.cfg.data.seq_len,
                      self.state.step)
-        if t.watchdog_timeout_s:
-            self.watchdog.start()
-        try:
-            ckpt, val_loss = run_steps(self, min(t.steps, t.stop_at or t.steps), self.profiler)
-        except Exception:
-            self.watchdog.diagnose()  # a peer that died shows up here first, as a failed collective
-            raise
+        self.watchdog.arm()
+        end = run_steps(self, min(t.steps, t.stop_at or t.steps), self.profiler)
         self.watchdog.progress(self.state.step, "save")
         self.checkpointer.wait()  # the last checkpoint is complete before the run reports it
-        if val_loss is None:  # e.g. resumed a finished run: report where the model stands anyway
+        val_loss = end.evaluated
+        if val_loss is None and not end.stopped:  # e.g. resumed a finished run: report where the model stands
             log.info("train: no evaluation ran since step %d was reached; evaluating now", self.state.step)
             val_loss = self.evaluate()
         self.sink.close()
-        self.watchdog.close()
         if self.world.is_main:
             plot_loss(self.run_dir)
-        return Summary(self.run_dir, self.state.step, self.state.tokens, val_loss, math.exp(val_loss), time.time() -
-                       self.t_start, ckpt, self.manifest.unigram_entropy_nats)
+        self.watchdog.close()  # the last collective: after it every rank has nothing left to do but exit
+        return Summary(self.run_dir, self.state.step, self.state.tokens, val_loss,
+                       math.nan if val_loss is None else math.exp(val_loss), time.time() - self.t_start,
+                       end.checkpoint, self.manifest.unigram_entropy_nats, end.stopped)
 
 
 def train(cfg: Config) -> Summary:

@@ -1,21 +1,32 @@
-"""Naming the rank that died or hung, instead of letting the others wait in a collective for hours.
+"""The first error, first: a rank that fails tells every other rank within a second, and a rank
+that died or hung is named instead of leaving the others waiting in a collective for hours.
 
-Every rank runs a daemon thread that publishes a heartbeat every few seconds: its node, pid, step,
-phase, and when its main thread last made progress. The heartbeats go to a small TCP store served
-by rank 0's watchdog (its address is passed through torch.distributed's own store). Rank 0's thread
-watches every rank; every other rank's watches rank 0 (and the store, which lives in rank 0).
+Every rank runs a daemon thread that talks to a small TCP store served by rank 0's watchdog (its
+address is passed through torch.distributed's own store). Twice a second it looks for a failure
+posted by any rank; every few seconds it publishes a heartbeat (its node, pid, step, phase, and
+when its main thread last made progress).
 
-- A heartbeat older than ``train.watchdog_timeout_s``: that rank died (killed, out of memory) or is
-  stopped.
-- A fresh heartbeat but no progress for the timeout: that rank is stuck (in data loading, in a
+**A rank fails** (an exception in set-up or training, ``Watchdog.fail``): it prints its own error
+at once as one line, then posts it under one key with compare-and-set, so the first failure wins.
+Every other rank's thread sees it within half a second, prints ``stopping: rank R ... failed
+first: LINE`` as its last line and ends the process; a rank whose own collective broke meanwhile
+(because the failed rank left) reads the same record instead of reporting its symptom. Rank 0
+hosts the store, so it lets the others read the record (or a few seconds) before it ends. The
+first failure is also appended to ``RUN_DIR/failures.txt``, which the node launcher reads, so a
+node whose training failed ends at once. All ranks exit with the first failure's exit code. In a
+world of one nothing is posted and nothing waits: the exception goes on to the command's handler.
+
+**A rank dies or hangs** (judged only once training runs, ``arm``, and ``train.watchdog_timeout_s``
+is not 0):
+
+- a heartbeat older than the timeout: that rank died (killed, out of memory) or is stopped;
+- a fresh heartbeat but no progress for the timeout: that rank is stuck (in data loading, in a
   collective). Of several stuck ranks the one furthest behind is named; if all are at the same
-  step, every rank is stuck in a collective.
+  step with no rank failed, every rank is stuck in a collective: a hang.
 
-The watcher posts a verdict; every rank polls it, a named rank that can still run prints the stack
-of where it hung, and all exit with code 3 within about the timeout, not at the job's time limit.
-The verdict is also appended to ``RUN_DIR/watchdog.txt``: the node launcher waits for it before it
-lets its node's failure end the job, so the job ends with the culprit named, not with the first
-symptom (a collective that failed because a peer vanished).
+The verdict is posted like a failure; a named rank that can still run prints the stack of where
+it hung, and all exit with code 3. A collective that breaks with no failure posted (a peer was
+killed without a word) waits for that verdict, still ending at once on a stop signal.
 """
 
 from __future__ import annotations
@@ -24,26 +35,33 @@ import faulthandler
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import time
+import traceback
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch.distributed as dist
 
+from megalm.errors import EXIT_ERROR, EXIT_WATCHDOG, MegalmError, exit_code, one_line, prefix
+from megalm.parallel.distributed import node_name
+from megalm.train.preemption import stop_requested
+
 log = logging.getLogger("megalm")
 
-EXIT_CODE = 3
-VERDICT_FILE = "watchdog.txt"  # in the run dir: every verdict, one line each
 SOLO_PHASES = ("data",)  # phases a rank runs without waiting for the others
+TICK_S = 0.5  # how often each rank looks for a posted failure
+ACK_WAIT_S = 5.0  # how long rank 0 keeps its store up for the others to read a failure
 ADDRESS_KEY = "megalm/watchdog/address"
-
-
-def node_name() -> str:
-    """The node's name as the scheduler knows it (Slurm), else the host name."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+FAILURE_KEY = "megalm/watchdog/failure"
+ABORT_KEY = "megalm/watchdog/abort"  # a verdict
+# what a broken collective says on each backend: the symptom of a peer's failure, not a cause
+COLLECTIVE_SYMPTOMS = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "ProcessGroup")
 
 
 def _reachable_ip() -> str:
@@ -56,49 +74,195 @@ def _reachable_ip() -> str:
             return "127.0.0.1"
 
 
+def broken_collective(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because a peer went away (a symptom)."""
+    return isinstance(e, dist.DistError) or (type(e) is RuntimeError and any(s in str(e) for s in COLLECTIVE_SYMPTOMS))
+
+
+def describe(failure: dict) -> str:
+    """A posted failure in words: who, where, and its own line."""
+    return (f"rank {failure['rank']} on {failure['node']} (pid {failure['pid']}) failed first, at step "
+            f"{failure['step']} ({failure['phase']}): {failure['line']}")
+
+
+def append_line(path: Path, line: str) -> None:
+    """One dated line appended to ``path`` (a run dir's failures file), never raising."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {line}\n")
+    except OSError as e:  # the disk that failed the run may fail this too: the line is on stderr anyway
+        print(f"{prefix()}: cannot record the failure in {path}: {e}", file=sys.stderr, flush=True)
+
+
 class Watchdog:
-    def __init__(self, timeout_s: float, verdict_file: Path):
-        self.timeout, self.verdict_file = timeout_s, verdict_file
-        self.interval = min(10.0, max(0.5, timeout_s / 10))
+    def __init__(self, timeout_s: float, failures_file: Path):
+        self.timeout, self.failures_file = timeout_s, failures_file
+        self.interval = min(10.0, max(TICK_S, timeout_s / 10)) if timeout_s else 10.0  # between heartbeats
         self.step, self.phase, self.progress_at = 0, "starting", time.time()
-        self.finished = False
+        self.armed = self.finished = False
+        self.rank, self.world = 0, 1
         self._stop = threading.Event()
+        self._ending = threading.Lock()  # one ending per process: the first to take it speaks
         self._thread: threading.Thread | None = None
+        self._client: dist.TCPStore | None = None
+        self._cleanups: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------------------ the main thread
 
     def start(self) -> None:
-        """Collective: rank 0 opens the heartbeat store, every rank starts its watching thread."""
+        """Collective: rank 0 opens the store, every rank starts its thread (failures only, until ``arm``)."""
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world == 1:
+            return  # nobody to tell; ``arm`` starts the hang watch if asked
+        self._open_store()
+
+    def _open_store(self) -> None:
         default = dist.distributed_c10d._get_default_store()
-        if self.rank == 0:  # the heartbeat store lives in rank 0's process
+        if self.rank == 0:  # the store lives in rank 0's process
             self.server = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False,
                                         timeout=timedelta(seconds=30))
             default.set(ADDRESS_KEY, f"{_reachable_ip()}:{self.server.port}")
         self.address = default.get(ADDRESS_KEY).decode()
-        self.progress_at = time.time()
         self._thread = threading.Thread(target=self._run, name="megalm-watchdog", daemon=True)
         self._thread.start()
+
+    def arm(self) -> None:
+        """Training runs: from now on a silent or stuck rank is judged (unless the timeout is 0)."""
+        self.progress_at = time.time()
+        if self.timeout and self.world == 1 and self._thread is None:
+            self._open_store()  # one process can hang too (a stuck read): it is named and ended
+        self.armed = bool(self.timeout)
 
     def progress(self, step: int, phase: str) -> None:
         """The main thread is alive and moving: called at every micro-batch and phase change."""
         self.step, self.phase, self.progress_at = step, phase, time.time()
 
-    def diagnose(self) -> None:
-        """Training failed (e.g. a collective, because a peer vanished): give the watchdog the time
-        to name the culprit (it then ends the process); return if it finds none."""
-        if self._thread is not None and self._thread.is_alive():
-            print(f"megalm[{self.rank}]: watchdog: training failed; waiting up to {self.timeout:.0f} s to name the rank "
-                  f"that failed first", file=sys.stderr, flush=True)
-            self._thread.join(timeout=self.timeout + 3 * self.interval)
+    def at_exit(self, cleanup: Callable[[], None]) -> None:
+        """Run ``cleanup`` (e.g. release the run dir's lock) also when this watchdog ends the process."""
+        self._cleanups.append(cleanup)
+
+    @contextmanager
+    def reporting(self) -> Iterator[None]:
+        """Every exception inside is this rank's failure: told first, on every rank (``fail``)."""
+        try:
+            yield
+        except BaseException as e:
+            self.fail(e)
+            raise
+
+    def fail(self, e: BaseException) -> None:
+        """This rank failed with ``e``. In a world of one, return (the caller re-raises and the
+        command prints the line). Otherwise print, post and end the process: never returns."""
+        if self.world == 1:
+            self._stop.set()  # no verdict on the way out: the command reports the error
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # a stop signal now ends the process at once
+            signal.signal(signum, lambda *_: self._exit(exit_code(e)))
+        if not broken_collective(e):
+            if not isinstance(e, (MegalmError, OSError, KeyboardInterrupt)):  # a bug: where it happened matters
+                traceback.print_exception(e, file=sys.stderr)
+            line = one_line(e)
+            print(f"{prefix()}: {line}", file=sys.stderr, flush=True)
+            self._end(self._post({"line": line, "exit_code": exit_code(e)}))
+        first = self._read_failure(wait_s=2 * TICK_S)
+        if first is not None:
+            self._end(first)
+        # a collective broke and no rank said why: a peer died without a word, which the
+        # watchdog names once its heartbeat is silent for the timeout
+        print(f"{prefix()}: {one_line(e)}", file=sys.stderr, flush=True)
+        if stop_requested() or not (self.armed and self._thread is not None and self._thread.is_alive()):
+            self._exit(EXIT_ERROR)  # (a launcher that saw the peer die has already asked this rank to stop)
+        print(f"{prefix()}: a collective failed and no rank reported an error: a peer died or vanished; waiting up "
+              f"to {self.timeout:.0f} s for the watchdog to name it (a stop signal ends this at once)",
+              file=sys.stderr, flush=True)
+        self._thread.join(timeout=self.timeout + 3 * self.interval)
+        self._exit(EXIT_ERROR)
 
     def close(self) -> None:
         """Collective: training ended on every rank; every thread stops before rank 0's store goes."""
         if self._thread is None:
             return
         self.finished = True
-        dist.barrier()
+        if self.world > 1:
+            dist.barrier()
         self._stop.set()
         self._thread.join(timeout=2 * self.interval + 5)
-        dist.barrier()
+        if self.world > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------------------ failures
+
+    def _store(self) -> dist.TCPStore:
+        """This thread's connection to the store (the main thread's; the watchdog thread has its own)."""
+        if self.rank == 0:
+            return self.server
+        if self._client is None:
+            host, port = self.address.rsplit(":", 1)
+            self._client = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=5))
+        return self._client
+
+    def _post(self, failure: dict) -> dict:
+        """Post this rank's failure unless another came first; the first one, either way."""
+        record = json.dumps({"rank": self.rank, "node": node_name(), "pid": os.getpid(), "step": self.step,
+                             "phase": self.phase, **failure})
+        try:
+            first = json.loads(self._store().compare_set(FAILURE_KEY, "", record))
+        except Exception as e:  # noqa: BLE001 - rank 0 (the store) is gone: this line is all there is
+            print(f"{prefix()}: cannot tell the other ranks (the store in rank 0 is unreachable: {e})",
+                  file=sys.stderr, flush=True)
+            return json.loads(record)
+        if first["rank"] == self.rank:
+            append_line(self.failures_file, describe(first))
+        return first
+
+    def _read_failure(self, wait_s: float) -> dict | None:
+        """The failure a peer posted, if one is posted within ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        try:
+            store = self._store()
+            while True:
+                if store.check([FAILURE_KEY]):
+                    return json.loads(store.get(FAILURE_KEY))
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - the store went with rank 0
+            return None
+
+    def _end(self, first: dict, store: dist.TCPStore | None = None) -> None:
+        """End this process over the first failure ``first``: say it unless it is ours (already
+        said), let the others read it (rank 0 holds the store), exit with its code."""
+        if not self._ending.acquire(blocking=False):
+            self._park()
+        if first["rank"] != self.rank:
+            print(f"{prefix()}: stopping because {describe(first)}", file=sys.stderr, flush=True)
+        try:
+            store = store or self._store()
+            store.set(f"{FAILURE_KEY}/ack/{self.rank}", "1")
+            if self.rank == 0:  # the others read the failure from this process's store: wait until they have
+                others = [f"{FAILURE_KEY}/ack/{r}" for r in range(1, self.world) if r != first["rank"]]
+                deadline = time.monotonic() + ACK_WAIT_S
+                while others and not store.check(others) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - the store is gone: nobody is left to wait for
+            pass
+        self._exit(first["exit_code"])
+
+    def _exit(self, code: int) -> None:
+        for cleanup in self._cleanups:
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - the exit must happen
+                pass
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def _park(self) -> None:
+        """Another thread of this process is ending it: wait for that."""
+        while True:
+            time.sleep(1)
 
     # ------------------------------------------------------------------------------ the thread
 
@@ -107,40 +271,42 @@ class Watchdog:
         try:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=max(5, self.timeout)))
         except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
-            self._abort(f"rank {self.rank}: cannot reach the watchdog store of rank 0 at {self.address} ({e})", [])
+            self._abort(f"rank {self.rank}: cannot reach the watchdog store of rank 0 at {self.address} ({e})", [], None)
             return
         me = {"node": node_name(), "pid": os.getpid()}
         seen: dict[int, dict] = {}
-        while not self._stop.wait(self.interval if seen else 0):
+        watched = range(self.world) if self.rank == 0 else [0]
+        next_beat = 0.0
+        while not self._stop.wait(TICK_S):
             try:
+                if store.check([FAILURE_KEY]):
+                    self._end(json.loads(store.get(FAILURE_KEY)), store)
+                if store.check([ABORT_KEY]):
+                    verdict = json.loads(store.get(ABORT_KEY))
+                    self._abort(verdict["message"], verdict["culprits"], store)
+                if time.monotonic() < next_beat:
+                    continue
+                next_beat = time.monotonic() + self.interval
                 store.set(f"megalm/watchdog/hb/{self.rank}", json.dumps(
                     {**me, "step": self.step, "phase": self.phase, "beat": time.time(),
                      "progress": self.progress_at, "finished": self.finished}))
-                if store.check(["megalm/watchdog/abort"]):
-                    verdict = json.loads(store.get("megalm/watchdog/abort"))
-                    self._abort(verdict["message"], verdict["culprits"])
-                    return
-                watched = range(self.world) if self.rank == 0 else [0]
-                keys = [f"megalm/watchdog/hb/{r}" for r in watched]
-                present = [r for r, k in zip(watched, keys) if store.check([k])]
-                for r in present:
-                    seen[r] = json.loads(store.get(f"megalm/watchdog/hb/{r}"))
+                for r in watched:
+                    if store.check([f"megalm/watchdog/hb/{r}"]):
+                        seen[r] = json.loads(store.get(f"megalm/watchdog/hb/{r}"))
             except Exception:  # noqa: BLE001 - the store is in rank 0: losing it means losing rank 0
                 if self._stop.is_set():
                     return
                 last = seen.get(0, {})
                 self._abort(f"lost rank 0 ({last.get('node', '?')}, pid {last.get('pid', '?')}, last at step "
                             f"{last.get('step', '?')}): its watchdog store at {self.address} stopped answering "
-                            f"(killed, out of memory, or its node failed)", [0])
-                return
-            verdict = self._judge(seen, watched)
+                            f"(killed, out of memory, or its node failed)", [0], None)
+            verdict = self._judge(seen, watched) if self.armed else None
             if verdict is not None:
                 message, culprits = verdict
-                store.set("megalm/watchdog/abort", json.dumps({"message": message, "culprits": culprits}))
-                with open(self.verdict_file, "a") as f:
-                    f.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {message}\n")
-                self._abort(message, culprits)
-                return
+                posted = json.dumps({"message": message, "culprits": culprits})
+                if store.compare_set(ABORT_KEY, "", posted).decode() == posted:  # the first verdict is recorded
+                    append_line(self.failures_file, f"watchdog: {message}")
+                self._abort(message, culprits, store)
 
     def _judge(self, seen: dict[int, dict], watched) -> tuple[str, list[int]] | None:
         now = time.time()
@@ -164,7 +330,7 @@ class Watchdog:
         named = [r for r in stuck if live[r]["step"] == behind]
         # a rank stuck outside collectives (reading data) holds up the ones waiting for it inside one
         named = [r for r in named if live[r]["phase"] in SOLO_PHASES] or named
-        if len(named) == len(live) == self.world:
+        if len(named) == len(live) == self.world > 1:
             return (f"every rank is stuck at step {behind} ({live[0]['phase']}) with no progress for "
                     f"{now - max(hb['progress'] for hb in live.values()):.0f} s: a collective hang", named)
         r = named[0]
@@ -173,13 +339,15 @@ class Watchdog:
                 f"progress for {now - hb['progress']:.0f} s" + (f" (and ranks {named[1:]})" if len(named) > 1 else ""),
                 named)
 
-    def _abort(self, message: str, culprits: list[int]) -> None:
+    def _abort(self, message: str, culprits: list[int], store: dist.TCPStore | None) -> None:
+        """End this process over the watchdog's verdict (exit code 3)."""
+        if not self._ending.acquire(blocking=False):
+            self._park()
         if self.rank in culprits or (not culprits and self.rank == 0):
-            print(f"megalm[{self.rank}]: watchdog: this rank is named; where its threads are:", file=sys.stderr)
+            print(f"{prefix()}: watchdog: this rank is named; where its threads are:", file=sys.stderr)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        print(f"megalm[{self.rank}]: watchdog: {message}; ending the run (exit code {EXIT_CODE})", file=sys.stderr,
+        print(f"{prefix()}: watchdog: {message}; ending the run (exit code {EXIT_WATCHDOG})", file=sys.stderr,
               flush=True)
-        if self.rank == 0:  # the store lives here: let the others read the verdict before it goes
-            time.sleep(2 * self.interval)
-        logging.shutdown()
-        os._exit(EXIT_CODE)
+        if self.rank == 0 and store is not None:  # the store lives here: let the others read the verdict first
+            time.sleep(2 * TICK_S + 1)
+        self._exit(EXIT_WATCHDOG)
