@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from megalm.config import load_config
-from megalm.errors import MegalmError, exit_code, one_line, prefix
+from megalm.errors import exit_code, MegalmError, one_line, prefix, say
 
 log = logging.getLogger("megalm")
 
@@ -169,15 +169,15 @@ def cmd_plot(args) -> int:
         try:
             print(plot_bench(Path(args.bench), args.out and Path(args.out)))
         except ValueError as e:
-            print(f"megalm: error: {e}", file=sys.stderr)
+            say(f"megalm: error: {e}")
             return 1
         return 0
     if not args.run_dirs:
-        print("megalm: error: give run directories, or --bench RESULTS.json", file=sys.stderr)
+        say("megalm: error: give run directories, or --bench RESULTS.json")
         return 2
     out = plot_runs([Path(d) for d in args.run_dirs], args.metric or DEFAULT_METRICS, Path(args.out or "runs.png"))
     if out is None:
-        print(f"megalm: error: none of {args.run_dirs} logged any of {args.metric or DEFAULT_METRICS}", file=sys.stderr)
+        say(f"megalm: error: none of {args.run_dirs} logged any of {args.metric or DEFAULT_METRICS}")
         return 1
     print(out)
     return 0
@@ -348,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (MegalmError, OSError) as e:  # an OSError names its file: say it, no traceback
-        print(f"{prefix()}: {one_line(e)}", file=sys.stderr, flush=True)
+        say(f"{prefix()}: {one_line(e)}")
         return exit_code(e)
     except KeyboardInterrupt as e:  # what was interrupted has said what it kept (prepare: the work so far)
-        print(f"{prefix()}: {one_line(e)}", file=sys.stderr, flush=True)
+        say(f"{prefix()}: {one_line(e)}")
         return exit_code(e)
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ This module is at the bottom of the imports: it imports nothing of megalm.
 from __future__ import annotations
 
 import os
+import sys
 
 FAILURES_FILE = "failures.txt"  # in a run dir: the first failure or watchdog verdict of each run that ended badly
 EXIT_ERROR = 1
@@ -65,6 +66,13 @@ class RunLocked(MegalmError):
 
 class PeerFailed(MegalmError):
     """This rank stops because another rank failed first (its line is the message)."""
+
+
+def say(line: str) -> None:
+    """``line`` to stderr in one write: ranks that share a terminal or a job log never run their
+    lines together (``print`` writes the text and its newline separately)."""
+    sys.stderr.flush()  # what was written before comes before
+    os.write(2, (line + "\n").encode(errors="replace"))
 
 
 def exit_code(e: BaseException) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from megalm.errors import EXIT_ERROR, EXIT_STOPPED, EXIT_USAGE, EXIT_WATCHDOG, FAILURES_FILE, ConfigError
+from megalm.errors import EXIT_ERROR, EXIT_STOPPED, EXIT_USAGE, EXIT_WATCHDOG, FAILURES_FILE, ConfigError, say
 
 PR_SET_PDEATHSIG = 1  # prctl: the signal a process gets when its parent dies
 
@@ -69,8 +69,7 @@ class Forwarder:
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame) -> None:
-        print(f"megalm node: got {signal.Signals(signum).name}; passing it to the training processes",
-              file=sys.stderr, flush=True)
+        say(f"megalm node: got {signal.Signals(signum).name}; passing it to the training processes")
         self.pending.add(signum)
 
     def forward(self, torchrun: subprocess.Popen) -> None:
@@ -112,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         job = os.environ.get("SLURM_JOB_ID", str(os.getppid()))
         for line in preflight(cfg, nnodes=args.nnodes, nproc=args.nproc_per_node, gpus=args.gpus,
                               endpoint=args.rdzv, first=first, job_id=job):
-            print(f"megalm preflight: {line}", file=sys.stderr, flush=True)
+            say(f"megalm preflight: {line}")
     except (ConfigError, PreflightError) as e:
-        print(f"megalm preflight: error: {e}", file=sys.stderr, flush=True)
+        say(f"megalm preflight: error: {e}")
         return EXIT_USAGE
     failures = Path(cfg.train.run_dir) / FAILURES_FILE
     before = failures.stat().st_size if failures.is_file() else 0
@@ -131,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         why = await_verdict(failures, before, cfg.train.watchdog_timeout_s + 30)
     if why:
         line = why[0].split(" ", 1)[1]  # after its date
-        print(f"megalm node: training failed: {line}", file=sys.stderr, flush=True)
+        say(f"megalm node: training failed: {line}")
         return EXIT_WATCHDOG if line.startswith("watchdog:") else EXIT_ERROR
     if stopped:
-        print(f"megalm node: training stopped after a signal, with its checkpoint saved; run the same command again "
-              f"to resume (exit code {EXIT_STOPPED})", file=sys.stderr, flush=True)
+        say(f"megalm node: training stopped after a signal, with its checkpoint saved; run the same command again "
+              f"to resume (exit code {EXIT_STOPPED})")
         return EXIT_STOPPED
     return torchrun.returncode
 
@@ -160,8 +159,7 @@ def await_verdict(failures: Path, before: int, wait_s: float) -> list[str]:
     """This node's training failed without a word. Before its failure ends the job (srun
     --kill-on-bad-exit), give the watchdog on the surviving ranks the time to name the rank that
     failed first."""
-    print(f"megalm node: training failed on this node; waiting up to {wait_s:.0f} s for the watchdog's verdict",
-          file=sys.stderr, flush=True)
+    say(f"megalm node: training failed on this node; waiting up to {wait_s:.0f} s for the watchdog's verdict")
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         lines = new_lines(failures, before)

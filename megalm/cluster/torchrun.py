@@ -20,18 +20,18 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
+from megalm.errors import say
+
 
 def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
     except SignalException as e:  # e.g. Slurm's TERM to every process of a cancelled job
-        print(f"megalm node: torchrun got {signal.Signals(e.sigval).name} and stopped its workers", file=sys.stderr,
-              flush=True)
+        say(f"megalm node: torchrun got {signal.Signals(e.sigval).name} and stopped its workers")
         return 128 + e.sigval
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
-        print("megalm node: workers ended with " + ", ".join(
-            f"rank {rank}: {_describe(code)}" for rank, code in codes.items()), file=sys.stderr, flush=True)
+        say("megalm node: workers ended with " + ", ".join(f"rank {r}: {_describe(c)}" for r, c in codes.items()))
         # once one worker exits non-zero torchrun sends the others SIGTERM; those it caught on their
         # way out (e.g. after a stop's save, in the interpreter's shutdown) do not decide the code
         own = {code for code in codes.values() if code != -signal.SIGTERM} or set(codes.values())

@@ -26,7 +26,8 @@ def main(args) -> int:
     if not args.data:
         raise ConfigError("--data: continued pretraining (--task lm) needs a prepared data directory, made with the "
                           "checkpoint's tokenizer (megalm prepare data.tokenizer=CKPT ...)")
-    return train(finetune_config(catalog.resolve_verified(args.ckpt)[0], args.data, args.keep_optimizer, args.overrides)).report()
+    ckpt, _ = catalog.resolve_verified(args.ckpt)
+    return train(finetune_config(ckpt, args.data, args.keep_optimizer, args.overrides)).report()
 
 
 def finetune_config(ckpt: Path, data_dir: str, keep_optimizer: bool, overrides: list[str]) -> Config:

@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 
 import torch.distributed as dist
 
-from megalm.errors import EXIT_ERROR, EXIT_WATCHDOG, MegalmError, exit_code, one_line, prefix
+from megalm.errors import EXIT_ERROR, EXIT_WATCHDOG, exit_code, MegalmError, one_line, prefix, say
 from megalm.parallel.distributed import node_name
 from megalm.train.preemption import stop_requested
 
@@ -92,7 +92,7 @@ def append_line(path: Path, line: str) -> None:
         with open(path, "a") as f:
             f.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {line}\n")
     except OSError as e:  # the disk that failed the run may fail this too: the line is on stderr anyway
-        print(f"{prefix()}: cannot record the failure in {path}: {e}", file=sys.stderr, flush=True)
+        say(f"{prefix()}: cannot record the failure in {path}: {e}")
 
 
 class Watchdog:
@@ -163,19 +163,18 @@ class Watchdog:
             if not isinstance(e, (MegalmError, OSError, KeyboardInterrupt)):  # a bug: where it happened matters
                 traceback.print_exception(e, file=sys.stderr)
             line = one_line(e)
-            print(f"{prefix()}: {line}", file=sys.stderr, flush=True)
+            say(f"{prefix()}: {line}")
             self._end(self._post({"line": line, "exit_code": exit_code(e)}))
         first = self._read_failure(wait_s=2 * TICK_S)
         if first is not None:
             self._end(first)
         # a collective broke and no rank said why: a peer died without a word, which the
         # watchdog names once its heartbeat is silent for the timeout
-        print(f"{prefix()}: {one_line(e)}", file=sys.stderr, flush=True)
+        say(f"{prefix()}: {one_line(e)}")
         if stop_requested() or not (self.armed and self._thread is not None and self._thread.is_alive()):
             self._exit(EXIT_ERROR)  # (a launcher that saw the peer die has already asked this rank to stop)
-        print(f"{prefix()}: a collective failed and no rank reported an error: a peer died or vanished; waiting up "
-              f"to {self.timeout:.0f} s for the watchdog to name it (a stop signal ends this at once)",
-              file=sys.stderr, flush=True)
+        say(f"{prefix()}: a collective failed and no rank reported an error: a peer died or vanished; waiting up "
+              f"to {self.timeout:.0f} s for the watchdog to name it (a stop signal ends this at once)")
         self._thread.join(timeout=self.timeout + 3 * self.interval)
         self._exit(EXIT_ERROR)
 
@@ -209,8 +208,7 @@ class Watchdog:
         try:
             first = json.loads(self._store().compare_set(FAILURE_KEY, "", record))
         except Exception as e:  # noqa: BLE001 - rank 0 (the store) is gone: this line is all there is
-            print(f"{prefix()}: cannot tell the other ranks (the store in rank 0 is unreachable: {e})",
-                  file=sys.stderr, flush=True)
+            say(f"{prefix()}: cannot tell the other ranks (the store in rank 0 is unreachable: {e})")
             return json.loads(record)
         if first["rank"] == self.rank:
             append_line(self.failures_file, describe(first))
@@ -236,7 +234,7 @@ class Watchdog:
         if not self._ending.acquire(blocking=False):
             self._park()
         if first["rank"] != self.rank:
-            print(f"{prefix()}: stopping because {describe(first)}", file=sys.stderr, flush=True)
+            say(f"{prefix()}: stopping because {describe(first)}")
         try:
             store = store or self._store()
             store.set(f"{FAILURE_KEY}/ack/{self.rank}", "1")
@@ -271,7 +269,8 @@ class Watchdog:
         try:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=max(5, self.timeout)))
         except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
-            self._abort(f"rank {self.rank}: cannot reach the watchdog store of rank 0 at {self.address} ({e})", [], None)
+            self._abort(f"rank {self.rank}: cannot reach the watchdog store of rank 0 at {self.address} ({e})", [],
+                        None)
             return
         me = {"node": node_name(), "pid": os.getpid()}
         seen: dict[int, dict] = {}
@@ -344,10 +343,9 @@ class Watchdog:
         if not self._ending.acquire(blocking=False):
             self._park()
         if self.rank in culprits or (not culprits and self.rank == 0):
-            print(f"{prefix()}: watchdog: this rank is named; where its threads are:", file=sys.stderr)
+            say(f"{prefix()}: watchdog: this rank is named; where its threads are:")
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        print(f"{prefix()}: watchdog: {message}; ending the run (exit code {EXIT_WATCHDOG})", file=sys.stderr,
-              flush=True)
+        say(f"{prefix()}: watchdog: {message}; ending the run (exit code {EXIT_WATCHDOG})")
         if self.rank == 0 and store is not None:  # the store lives here: let the others read the verdict first
             time.sleep(2 * TICK_S + 1)
         self._exit(EXIT_WATCHDOG)
