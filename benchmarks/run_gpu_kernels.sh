@@ -33,7 +33,7 @@ export TRITON_CACHE_AUTOTUNING=1
 export TORCH_EXTENSIONS_DIR=$PWD/build/torch-extensions
 export TORCHINDUCTOR_CACHE_DIR=$PWD/build/inductor-cache
 
-slug=$($PY -c "import torch; from megalm_kernels.benchmarking import device_name, device_slug; \
+slug=$($PY -c "import torch; from megalm_kernels.provenance import device_name, device_slug; \
 print(device_slug(device_name(torch.device('cuda'))))")
 out=${OUT:-benchmarks/results}/$slug
 mkdir -p "$out/logs"

@@ -78,6 +78,8 @@ class ModelConfig:
     rope_theta: float = field(10000.0, "RoPE base (llama style)")
     init_std: float = field(0.02, "std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)")
     kernels: KernelsConfig = field(KernelsConfig(), "which kernel implements each op")
+    labels: list[str] = field([], "a classifier's classes, in its head's order (empty: a language model; "
+                                  "train.task=classify takes the training file's, sorted, unless given)")
 
     @property
     def kv_heads(self) -> int:
@@ -159,6 +161,9 @@ class ProfileConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    task: Literal["lm", "classify"] = field(
+        "lm", "lm: language modelling on data.dir (model.objective causal or masked); classify: a classifier "
+              "(model.labels) trained on classify.train_file, from train.init_from's weights")
     run_dir: str = field("runs/quickstart", "everything the run writes goes here")
     steps: int = field(200, "optimizer steps to train")
     global_batch: int = field(64, "sequences per optimizer step over all ranks; it alone decides the data order "
@@ -214,15 +219,11 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    task: Literal["none", "classify"] = field("none", "what the run fine-tunes for (megalm finetune sets it); none: "
-                                                      "pretraining")
-    init_from: str = field("", "the checkpoint whose weights fine-tuning starts from (megalm finetune sets it)")
-    train_file: str = field("", "classify: a .jsonl file of {text, label} records to train on")
-    eval_file: str = field("", "classify: a .jsonl file of {text, label} records scored every train.eval_every steps")
-    labels: list[str] = field([], "classify: the classes in the head's order (empty: the training file's, sorted)")
-    max_len: int = field(0, "classify: tokens per text, longer ones truncated (0: model.max_seq_len)")
-    epochs: float = field(0.0, "passes over the training set; when > 0 it decides train.steps")
+class ClassifyConfig:
+    train_file: str = field("", "a .jsonl file of {text, label} records to train on (train.task=classify)")
+    eval_file: str = field("", "a .jsonl file of {text, label} records scored every train.eval_every steps")
+    max_len: int = field(0, "tokens per text, longer ones truncated (0: model.max_seq_len)")
+    epochs: float = field(0.0, "passes over the training file; when > 0 it decides train.steps")
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ class Config:
     parallel: ParallelConfig = field(ParallelConfig(), "the parallel layout")
     train: TrainConfig = field(TrainConfig(), "optimization, logging and checkpointing")
     slurm: SlurmConfig = field(SlurmConfig(), "Slurm jobs: requeue and signals (megalm slurm submit)")
-    finetune: FinetuneConfig = field(FinetuneConfig(), "fine-tuning a checkpoint (megalm finetune)")
+    classify: ClassifyConfig = field(ClassifyConfig(), "the labelled texts of train.task=classify")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -504,12 +505,61 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("train.init_keep_optimizer: keeps the optimizer of train.init_from, which is not given")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction: must be in (0, 1], got {t.decay_fraction}")
-    _validate_model_split(cfg)
+    validate_task(cfg)
+    validate_model_split(cfg)
     if world_size is not None:
         validate_layout(cfg, world_size)
 
 
-def _validate_model_split(cfg: Config) -> None:
+def resolve(cfg: Config, world_size: int | None, *, tokenizer_vocab: int, labels: list[str] = (), examples: int = 0) -> Config:
+    """The run's final config, the one every phase reads: the fields the data decides filled in,
+    then every check, the layout against ``world_size`` processes included (when given). From the data: the
+    vocabulary (``tokenizer_vocab``, rounded up to a multiple of VOCAB_MULTIPLE for fast matmuls and
+    even tensor-parallel splits) and the sequence length the model covers; for train.task=classify,
+    the labels (``labels``, the training file's, unless model.labels gives them in an order of its
+    own), the longest text, and train.steps from classify.epochs over ``examples`` texts."""
+    m, t, c = cfg.model, cfg.train, cfg.classify
+    vocab = m.vocab_size or -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if vocab < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's vocabulary of {tokenizer_vocab}")
+    cfg = cfg.replace("model", vocab_size=vocab, max_seq_len=m.max_seq_len or cfg.data.seq_len)
+    if t.task == "classify":
+        names = list(m.labels) or sorted(set(labels))
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ConfigError(f"model.labels: a classifier needs at least two distinct labels, got {names}"
+                              + ("" if m.labels else f" (those of {c.train_file})"))
+        cfg = cfg.replace("model", labels=names).replace("classify", max_len=c.max_len or cfg.model.max_seq_len)
+        if c.epochs:
+            cfg = cfg.replace("train", steps=math.ceil(c.epochs * examples / t.global_batch))
+    validate(cfg, world_size)
+    return cfg
+
+
+def validate_task(cfg: Config) -> None:
+    """What each train.task needs: a language model has no labels; a classifier starts from a
+    pretrained checkpoint (its weights and tokenizer) and reads labelled files."""
+    m, t, c, p = cfg.model, cfg.train, cfg.classify, cfg.parallel
+    if t.task == "lm":
+        if m.labels:
+            raise ConfigError(f"model.labels: {m.labels} make a classifier, which trains with train.task=classify "
+                              f"(megalm finetune CKPT --task classify); a language model has none")
+        return
+    if not t.init_from:
+        raise ConfigError("train.init_from: train.task=classify starts from a pretrained checkpoint (its weights and "
+                          "tokenizer); megalm finetune CKPT --task classify sets it")
+    if not c.train_file or not c.eval_file:
+        raise ConfigError("classify.train_file, classify.eval_file: train.task=classify reads a .jsonl file of "
+                          "{text, label} records to train on and one to score (--train and --eval)")
+    if c.epochs < 0 or c.max_len < 0:
+        raise ConfigError(f"classify.epochs, classify.max_len: must be >= 0, got {c.epochs} and {c.max_len}")
+    if m.max_seq_len and c.max_len > m.max_seq_len:
+        raise ConfigError(f"classify.max_len: {c.max_len} is longer than the model's model.max_seq_len={m.max_seq_len}")
+    if m.objective == "masked" and p.pp > 1:
+        raise ConfigError(f"parallel.pp: a masked (bidirectional) classifier masks each text's padding in every "
+                          f"block, which DeepSpeed's pipeline does not carry between stages; use pp=1 (got {p.pp})")
+
+
+def validate_model_split(cfg: Config) -> None:
     """What tensor and pipeline parallelism need of the model, whatever the number of processes."""
     m, p = cfg.model, cfg.parallel
     if m.n_heads % p.tp:
@@ -528,7 +578,7 @@ def _validate_model_split(cfg: Config) -> None:
     if p.pp > 1:
         if m.n_layers < p.pp:
             raise ConfigError(f"parallel.pp: {p.pp} pipeline stages need at least {p.pp} layers; model.n_layers={m.n_layers}")
-        if cfg.train.zero_stage == 0 and cfg.train.grad_clip > 0 and m.tie_embeddings:
+        if cfg.train.zero_stage == 0 and cfg.train.grad_clip > 0 and m.tie_embeddings and cfg.train.task == "lm":
             raise ConfigError(
                 f"train.zero_stage: with parallel.pp={p.pp}, tied embeddings and gradient clipping use ZeRO stage 1: "
                 f"DeepSpeed's stage-0 pipeline path counts the tied embedding's gradient twice in the clipping norm")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megalm.data.sources import python_stdlib_root
-from megalm.generate import load_model
+from megalm.sampling import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "configs/quickstart.yaml"

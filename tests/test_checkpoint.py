@@ -159,7 +159,7 @@ def test_a_changed_model_or_tokenizer_is_refused(single_run, tmp_path):
 
 
 def logits_of_megalm(path, ids):
-    from megalm.generate import load_model
+    from megalm.sampling import load_model
 
     model, _ = load_model(path)
     with torch.no_grad():
@@ -239,7 +239,7 @@ def test_continue_pretraining_an_imported_model_with_tensor_parallelism(data_dir
     from megalm.config import BatchLayout, DataConfig
     from megalm.data.dataset import open_sources
     from megalm.data.loader import TrainLoader
-    from megalm.generate import load_model
+    from megalm.sampling import load_model
     from megalm.train.objective import CausalLM
 
     loader = TrainLoader(open_sources(DataConfig(dir=str(data_dir), seq_len=32), 4), BatchLayout(4, 1, 4, 1), 0,

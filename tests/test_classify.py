@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from megalm.commands.finetune_example import build_example
+from megalm.common import PAD
 from megalm.config import ModelConfig
-from megalm.errors import ConfigError, DataError
-from megalm.finetune.classifier import Classifier
-from megalm.finetune.classify import finetune_config
-from megalm.finetune.example import build_example
-from megalm.finetune.labelled import PAD, read_records
-from megalm.finetune.metrics import report
+from megalm.data.labelled import read_records, targets
+from megalm.errors import DataError
+from megalm.model.classifier import pooled
+from megalm.model.transformer import Transformer
+from megalm.observe.classification import report
 from tests.helpers import metrics, run_megalm, torchrun, train_losses
 
 # 60 steps of 32 texts of at most 32 tokens: about six epochs of the 320 training chunks
@@ -115,6 +116,26 @@ def test_resume_is_exact_whatever_the_data_parallel_size(classifier, single_run,
     assert max(rel[:30]) < 1e-5 and max(rel) < 1e-3, f"{losses} vs {reference}"
 
 
+@pytest.mark.slow
+def test_tensor_sequence_and_pipeline_parallel_classifiers_equal_one_process(classifier, single_run, example,
+                                                                             tmp_path):
+    """The same classifier under tp=2 with sequence parallelism and under pp=2 (the head on the last
+    stage, its scores collected by the loss and sent to every stage): one process's losses and its
+    evaluation, to float rounding."""
+    reference = train_losses(classifier)[:4]
+    evaluations = []
+    for layout in (["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.pp=2"]):
+        run_dir = tmp_path / layout[0]
+        finetune(lambda *args: torchrun(2, *args), single_run, example, run_dir, *layout, "train.steps=60",
+                 "train.stop_at=4", "train.eval_every=4")
+        losses = train_losses(run_dir)
+        assert max(abs(a - b) / b for a, b in zip(losses, reference)) < 1e-5, (layout, losses, reference)
+        (row,) = [r for r in metrics(run_dir) if "val_accuracy" in r]
+        evaluations.append((row["val_loss"], row["val_accuracy"]))
+    # the same weights scored two ways: tensor shards with the sequence gathered, and pipeline stages
+    assert evaluations[0][1] == evaluations[1][1] and evaluations[0][0] == pytest.approx(evaluations[1][0], rel=1e-5)
+
+
 def test_classify_predicts_what_eval_json_scored(classifier, example):
     scores = json.loads((classifier / "eval.json").read_text())
     proc = run_megalm("classify", str(classifier), "--input", str(example / "eval.jsonl"))
@@ -137,14 +158,19 @@ def test_classify_predicts_what_eval_json_scored(classifier, example):
 def test_logits_do_not_depend_on_padding(objective):
     """The head reads the last real token (causal) or the first (masked, whose attention skips the
     padding): more padding after a text changes nothing."""
-    cfg = ModelConfig(objective=objective, n_layers=2, d_model=32, n_heads=4, vocab_size=64, max_seq_len=16)
-    model = Classifier(cfg, n_labels=3, seed=1).eval()
+    cfg = ModelConfig(objective=objective, n_layers=2, d_model=32, n_heads=4, vocab_size=64, max_seq_len=16,
+                      labels=["a", "b", "c"])
+    model = Transformer(cfg, seed=1).eval()
+
+    def read(ids):
+        return pooled(model(ids), targets(ids, torch.zeros(len(ids), dtype=torch.int64), objective == "causal")[:, 1])
+
     ids = torch.randint(0, 64, (2, 8))
     ids[1, 5:] = PAD
     longer = torch.cat([ids, torch.full((2, 8), PAD)], dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(model(longer), model(ids))
-        torch.testing.assert_close(model(ids[1:, :5]), model(ids)[1:])
+        torch.testing.assert_close(read(longer), read(ids))
+        torch.testing.assert_close(read(ids[1:, :5]), read(ids)[1:])
 
 
 def test_bad_input_is_named_by_file_and_line(single_run, example, tmp_path):
@@ -158,7 +184,6 @@ def test_bad_input_is_named_by_file_and_line(single_run, example, tmp_path):
         bad.write_text(text)
         with pytest.raises(DataError, match=problem):
             read_records(bad)
-    with pytest.raises(ConfigError, match="data parallel only"):
-        finetune_config(str(single_run), example / "train.jsonl", example / "eval.jsonl", ["parallel.tp=2"])
-    with pytest.raises(ConfigError, match="model.n_layers=3"):
-        finetune_config(str(single_run), example / "train.jsonl", example / "eval.jsonl", ["model.n_layers=3"])
+    other = finetune(lambda *a: run_megalm(*a, check=False), single_run, example, tmp_path / "other", "model.n_layers=3")
+    assert other.returncode == 2 and "holds another model (model.n_layers=3 here, 2 there)" in other.stderr, \
+        other.stderr[-2000:]

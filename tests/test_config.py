@@ -48,15 +48,15 @@ def test_layout_needs_processes_and_divisible_batch():
     assert [len(batch_layout(cfg, 7).rows(r)) for r in range(7)] == [6, 7, 7, 7, 7, 7, 7]
 
 
-def test_cli_exit_code_2_and_one_line(capsys, tmp_path):
+def test_cli_exit_code_2_and_one_line(capfd, tmp_path):
     assert main(["config", "show", str(REPO / "configs/quickstart.yaml"), "train.stpes=1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     assert err == ["megalm: config error: train.stpes: unknown key; did you mean train.steps? "
                    "(valid: " + err[0].split("(valid: ")[1]]
     # a layout that needs more processes than exist fails before any process group or run dir
     run_dir = tmp_path / "run"
     assert main(["train", str(REPO / "configs/quickstart.yaml"), "parallel.dp=2", f"train.run_dir={run_dir}"]) == 2
-    assert "parallel.dp: tp=1 x pp=1 x dp=2 needs 2 processes" in capsys.readouterr().err
+    assert "parallel.dp: tp=1 x pp=1 x dp=2 needs 2 processes" in capfd.readouterr().err
     assert not run_dir.exists()
 
 

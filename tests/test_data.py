@@ -18,12 +18,12 @@ import torch
 import webdataset as wds
 import xxhash
 
+from megalm.common import IGNORE
 from megalm.config import BatchLayout, DataConfig, MixSource
 from megalm.data.dataset import apportion, open_sources
 from megalm.data.loader import TrainLoader, validation_sequences
 from megalm.data.manifest import DataManifest, PrepareSettings, ShardEntry
 from megalm.errors import DataError
-from megalm.parallel.tensor_parallel import IGNORE
 from megalm.train.objective import CausalLM
 from tests.helpers import CONFIG, TINY, run_megalm
 

@@ -21,8 +21,8 @@ from megalm.data.prepare import prepare
 from megalm.data.sources import python_stdlib_root
 from megalm.data.tokenizer import EOT, load_tokenizer, token_byte_lengths
 from megalm.errors import ConfigError
-from megalm.finetune.lm import finetune_config
-from megalm.generate import load_model
+from megalm.commands.finetune import lm_config
+from megalm.sampling import load_model
 from megalm.model.transformer import Transformer
 from megalm.observe.metrics import drop_metrics_after, read_metrics
 from megalm.observe.plot import plot_runs
@@ -172,12 +172,12 @@ def test_finetune_starts_from_the_weights_with_a_fresh_optimizer(finetuned, sing
 
 def test_finetune_config_defaults(single_run, domain_dir, tmp_path):
     ckpt = catalog.resolve(single_run)
-    cfg = finetune_config(ckpt, str(domain_dir), False, ["model.dropout=0.1"])
+    cfg = lm_config(ckpt, str(domain_dir), False, ["model.dropout=0.1"])
     assert cfg.train.run_dir == f"runs/{single_run.name}-lm-{domain_dir.name}"
     assert (cfg.train.steps, cfg.train.global_batch, cfg.data.seq_len, cfg.model.dropout) == (6, 4, 32, 0.1)
     assert cfg.train.profile.steps == [] and cfg.train.init_keep_optimizer is False
     with pytest.raises(ConfigError, match="train.init_from: both it and train.resume"):
-        finetune_config(ckpt, str(domain_dir), False, [f"train.resume={ckpt}"])
+        lm_config(ckpt, str(domain_dir), False, [f"train.resume={ckpt}"])
 
 
 def test_keep_optimizer_carries_adams_moments_and_step_count(finetuned, single_run, domain_dir, tmp_path):

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megalm.common import IGNORE
 from megalm.config import DataConfig, ModelConfig, load_config
 from megalm.data.dataset import open_sources
 from megalm.data.loader import validation_sequences
-from megalm.generate import load_model
+from megalm.sampling import load_model
 from megalm.model.transformer import Transformer
-from megalm.parallel.tensor_parallel import IGNORE
 from megalm.train.objective import EVAL_STEP, CausalLM, MaskedLM, build_objective
 from tests.helpers import CONFIG, TINY, metrics, run_megalm, torchrun, train_losses
 

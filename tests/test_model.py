@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megalm.config import ModelConfig
-from megalm.generate import filter_probs, sample
+from megalm.sampling import filter_probs, sample
 from megalm.model.transformer import Transformer
 
 

@@ -35,7 +35,7 @@ from megalm.model.transformer import Transformer, parameter_count
 from megalm.parallel.mesh import Mesh
 from megalm.parallel.tensor_parallel import TPContext
 from megalm.plan.hardware import cluster
-from megalm.plan.layout import Layout
+from megalm.plan.layout import Candidate
 from megalm.plan.memory import layer_parameters, memory, model_state, saved_by_head, saved_per_layer
 from megalm.plan.report import make_plan, model_config, report
 from megalm.plan.step_time import step_time
@@ -114,10 +114,10 @@ def _cfg(preset: str, *overrides: str):
 def test_step_time_parts_follow_their_formulas():
     cfg = _cfg("gpt-1.3b", "train.precision=bf16", "data.seq_len=2048", "train.global_batch=64")
     machines = cluster("h100-sxm", 32)
-    piped = step_time(cfg, Layout(1, 4, 8, 1, 1, "none", False), machines)
+    piped = step_time(cfg, Candidate(1, 4, 8, 1, 1, "none", False), machines)
     assert piped.bubble_s / (piped.compute_s + piped.bubble_s) == pytest.approx(3 / (8 + 3))
-    plain = step_time(cfg, Layout(2, 1, 16, 1, 1, "none", False), machines)
-    recomputed = step_time(cfg, Layout(2, 1, 16, 1, 1, "full", False), machines)
+    plain = step_time(cfg, Candidate(2, 1, 16, 1, 1, "none", False), machines)
+    recomputed = step_time(cfg, Candidate(2, 1, 16, 1, 1, "full", False), machines)
     assert recomputed.compute_s == pytest.approx(plain.compute_s * 4 / 3)
     assert recomputed.tp_s == pytest.approx(plain.tp_s * 6 / 4, rel=0.05)  # 2 more all-reduces of 4 per block
     assert plain.dp_s > 0 and plain.pp_s == 0 and piped.pp_s > 0
@@ -210,7 +210,8 @@ def _measured_gb(run_dir: Path) -> float:
 def _estimated_gb(run_dir: Path, dp: int) -> float:
     cfg = load_config(run_dir / "config.yaml")  # as trained: vocabulary and length resolved
     t, p = cfg.train, cfg.parallel
-    layout = Layout(p.tp, p.pp, dp, t.micro_batch_size, t.zero_stage, p.activation_checkpointing, p.sequence_parallel)
+    layout = Candidate(p.tp, p.pp, dp, t.micro_batch_size, t.zero_stage, p.activation_checkpointing,
+                       p.sequence_parallel)
     return memory(cfg, layout, device="cpu").allocated_gb
 
 

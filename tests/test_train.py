@@ -10,7 +10,7 @@ import torch
 
 from megalm.checkpoint import catalog
 from megalm.data.prepare import read_manifest
-from megalm.generate import load_model
+from megalm.sampling import load_model
 from tests.helpers import CONFIG, TINY, compare_parameters, metrics, run_megalm, torchrun, train_losses
 
 

@@ -18,7 +18,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from . import attention, benchmarking, layer_norm, rms_norm
+from . import attention, benchmarking, layer_norm, provenance, rms_norm
 from .dispatch import apex_norms
 
 SEQS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = torch.bfloat16
     SKIPPED.clear()
-    meta = benchmarking.device_info(device)
+    meta = provenance.device_info(device)
     meta.update(quick=args.quick, dtype=str(dtype).removeprefix("torch."))
     meta["ceilings"] = benchmarking.measure_ceilings(device, quick=args.quick)
     ops = args.ops.split(",")

@@ -1,89 +1,21 @@
-"""Benchmark plumbing shared by megalm_kernels.bench and megalm's own benchmarks: device facts,
-measured ceilings, timing, result files.
+"""Benchmark plumbing shared by megalm_kernels.bench and megalm's own benchmarks: measured
+ceilings, timing, result files (stamped with megalm_kernels.provenance's facts).
 
 A benchmark writes <out>/<name>.json (+ .md table, + .png plot), by default under
 benchmarks/results/<device-slug>/, stamped with the device, python/torch/triton/CUDA versions and
 git commit, and reports its numbers as fractions of two ceilings measured in the same run: the
 bf16 matmul rate and the device-to-device copy bandwidth (bytes read + bytes written).
 """
-import datetime
 import importlib.util
 import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu {platform.processor() or platform.machine()}".strip()
-
-
-def device_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def git_commit() -> str:
-    """HEAD of the checkout being measured, '+dirty' when it has local changes.
-
-    MEGALM_GIT_COMMIT overrides it (a copy of the tree without .git, as on a lent GPU machine).
-    Otherwise the checkout this code runs from (an editable install), else the current
-    directory's (an installed package run from the project), else 'unknown'."""
-    if os.environ.get("MEGALM_GIT_COMMIT"):
-        return os.environ["MEGALM_GIT_COMMIT"]
-    for where in (Path(__file__).resolve().parent, Path.cwd()):
-        commit = _head(where)
-        if commit is not None:
-            return commit
-    return "unknown"
-
-
-def _head(where: Path) -> str | None:
-    """HEAD (+dirty) of the git checkout holding `where`, or None outside one."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=where).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
-
-def device_info(device: torch.device) -> dict:
-    info = {
-        "device": device_name(device),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version(),
-        "cuda": torch.version.cuda,
-        "git_commit": git_commit(),
-        "host": platform.node(),
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["sm_count"] = props.multi_processor_count
-        info["memory_gib"] = round(props.total_memory / 2**30, 1)
-    return info
+from megalm_kernels.provenance import device_name, device_slug
 
 
 def bench_ms(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:

@@ -53,7 +53,7 @@ def evict(path: Path) -> None:
 
 def raw_write_read(directory: Path, nbytes: int) -> tuple[float, float]:
     """Seconds to write ``nbytes`` sequentially (fsynced) and to read them back from the disk."""
-    from megalm.checkpoint.shards import CHUNK
+    from megalm.common import CHUNK
 
     path = directory / "raw.bin"
     chunk = os.urandom(CHUNK)
@@ -80,13 +80,14 @@ def build(model: str, run_dir: Path):
     from megalm.data.tokenizer import train_tokenizer
     from megalm.parallel.distributed import init_distributed
     from megalm.parallel.mesh import build_mesh
-    from megalm.train.engine import build_engine, build_model, resolve_model_config
+    from megalm.config import resolve
+    from megalm.train.engine import build_engine, build_model
 
     cfg = load_config("quickstart", [f"model={model}", "data.seq_len=64", "train.micro_batch_size=1",
                                      "train.global_batch=1", f"train.run_dir={run_dir}", "train.keep_checkpoints=1"])
     world = init_distributed(cfg.train.device)
     mesh = build_mesh(1, 1, 1, 0)
-    cfg = resolve_model_config(cfg, cfg.data.vocab_size)
+    cfg = resolve(cfg, None, tokenizer_vocab=cfg.data.vocab_size)
     engine = build_engine(cfg, build_model(cfg, mesh), mesh)
     forward_backward(engine, cfg, world.device)
     engine.step()
@@ -102,7 +103,7 @@ def forward_backward(engine, cfg, device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megalm_kernels import benchmarking
+    from megalm_kernels import benchmarking, provenance
 
     from megalm.checkpoint.store import Checkpointer
     from megalm.train.state import RNGState, TrainState
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         {"what": "load (resume)", "seconds": med["load"], "gb_per_s": gbps["load"],
          "vs_raw": gbps["load"] / gbps["raw_read"]},
     ]
-    meta = benchmarking.device_info(device)
+    meta = provenance.device_info(device)
     meta.update(model=args.model, checkpoint_bytes=nbytes, staging_bytes=sync.staging.nbytes, repeats=repeat,
                 disk=str(run_dir.resolve()), save_target_met=gbps["sync"] >= SAVE_TARGET * gbps["raw_write"],
                 stall_target_met=med["stall"] <= STALL_TARGET * med["sync"])

@@ -91,7 +91,7 @@ def data_wait(config: str, overrides: list[str], steps: int) -> tuple[dict, dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megalm_kernels import benchmarking
+    from megalm_kernels import benchmarking, provenance
 
     from megalm.config import load_config
     from megalm.data.dataset import open_sources
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"what": f"loader, {workers} workers" + (" (in the training process)" if not workers else ""),
                      "tokens_per_s": rate, "per_worker": per_worker, "target": f">= {WORKER_TARGET / 1e6:.0f} M/worker",
                      "met": per_worker >= WORKER_TARGET})
-    meta = benchmarking.device_info(torch.device("cpu"))
+    meta = provenance.device_info(torch.device("cpu"))
     meta.update(config=args.config, overrides=args.overrides, seq_len=cfg.data.seq_len,
                 global_batch=cfg.train.global_batch, cpu_count=os.cpu_count())
     if args.train_steps:

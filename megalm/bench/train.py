@@ -82,7 +82,7 @@ def summarize(name: str, overrides: list[str], rows: list[dict], warmup: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megalm_kernels import benchmarking
+    from megalm_kernels import benchmarking, provenance
 
     from megalm.observe.plot import save_bench
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench train: {name} ({' '.join(overrides) or 'as configured'}), {args.steps} steps ...", flush=True)
         rows.append(summarize(name, extra, run_variant(args.config, overrides, args.steps, args.nproc), args.warmup))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = benchmarking.device_info(device)
+    meta = provenance.device_info(device)
     meta.update(config=args.config, overrides=args.overrides, steps=args.steps, warmup=args.warmup, nproc=args.nproc)
     columns = [("variant", "variant"), ("overrides", "overrides"), ("tokens_per_s", "tokens/s"),
                ("tflops_per_gpu", "TFLOP/s per GPU"), ("mfu", "MFU"), ("mem_peak_gb", "peak memory GB"),

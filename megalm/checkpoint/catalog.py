@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megalm.checkpoint.meta import CheckpointMeta
-from megalm.checkpoint.shards import checksum
+from megalm.common import checksum
 from megalm.errors import CheckpointError
 
 log = logging.getLogger("megalm.checkpoint")
@@ -139,9 +139,10 @@ def listing(run_dir: str | Path, checksums: bool = True) -> list[Listing]:
 
 
 def to_delete(root: Path, newest: int, keep_last: int, keep_every: int, protected: set[Path]) -> list[Path]:
-    """Complete checkpoints that retention removes: all but the newest ``keep_last`` at or before
-    step ``newest``, those whose step is a multiple of ``keep_every``, and ``protected`` ones.
-    Checkpoints past ``newest`` (left by a run that was rewound) are not counted and not removed."""
+    """Complete checkpoints that retention removes: those at or before step ``newest``, except (kept)
+    the newest ``keep_last`` of them, those whose step is a multiple of ``keep_every``, and the
+    ``protected`` ones. Checkpoints past ``newest`` (left by a run that was rewound) are not counted
+    and not removed."""
     steps = {p: int(p.name.removeprefix(PREFIX)) for p in complete_checkpoints(root)}
     mine = sorted((p for p, s in steps.items() if s <= newest), key=steps.get)
     kept = set(mine[-keep_last:]) | protected

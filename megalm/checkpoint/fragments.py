@@ -7,7 +7,7 @@ the range ``[start, start + numel)`` that its ZeRO partition owns (all of it wit
 fragment is named by the one-process parameter name, so a checkpoint of fragments can be put back
 on any (tp, pp, dp, ZeRO stage): each rank assembles what it needs from whichever ranks wrote it.
 
-DeepSpeed keeps the masters and moments in one of four places, and ``_Slot`` hides which:
+DeepSpeed keeps the masters and moments in one of four places, and ``Slot`` hides which:
 
 - ``fragment``: ZeRO 1/2 and DeepSpeed's BF16 optimizer link each parameter to its slice of a flat
   fp32 partition (``param._hp_mapping``, DeepSpeed's tensor-fragment API);
@@ -51,7 +51,7 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return opt.optimizer if hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer) else opt
 
 
-class _Slot:
+class Slot:
     """Where one local parameter's fragment lives in the engine: read it, or write it back."""
 
     def __init__(self, engine, p: nn.Parameter, fragment: Fragment):
@@ -140,7 +140,7 @@ def _fp32_copy(optimizer, p: nn.Parameter) -> torch.Tensor:
     raise RuntimeError("parameter without an fp32 master copy in DeepSpeed's bf16 optimizer")
 
 
-def local_slots(engine, mesh: Mesh, names: dict[nn.Parameter, str], *, saving: bool) -> list[_Slot]:
+def local_slots(engine, mesh: Mesh, names: dict[nn.Parameter, str], *, saving: bool) -> list[Slot]:
     """This rank's parameters, each with the fragment of it that this rank's optimizer owns.
 
     ``names`` maps each local parameter to its one-process name. Saving, a value held by several
@@ -168,7 +168,7 @@ def local_slots(engine, mesh: Mesh, names: dict[nn.Parameter, str], *, saving: b
         fragment = Fragment(name=name, tp_rank=mesh.tp_rank if shard else 0, tp=mesh.tp if shard else 1,
                             shard_dim=shard.dim if shard else -1, shard_parts=tuple(shard.parts) if shard else (),
                             shape=shape, start=start, numel=count)
-        slots.append(_Slot(engine, p, fragment))
+        slots.append(Slot(engine, p, fragment))
     return slots
 
 

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import xxhash
 
-from megalm.checkpoint.fragments import Fragment, _Slot
+from megalm.checkpoint.fragments import Fragment, Slot
 from megalm.checkpoint.meta import CheckpointMeta, FileEntry
+from megalm.common import CHUNK
 from megalm.errors import CheckpointError
 from megalm.parallel.tensor_parallel import Shard
 
-CHUNK = 16 << 20  # bytes per write (and per checksum update)
 KINDS = 3  # values per element: master, exp_avg, exp_avg_sq
 
 
@@ -63,7 +63,7 @@ class Staging:
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.numel() * 4
 
-    def start(self, slots: list[_Slot]) -> "Snapshot":
+    def start(self, slots: list[Slot]) -> "Snapshot":
         """Take the live tensors' views and place them in the buffer (no copy yet)."""
         total = KINDS * sum(s.fragment.numel for s in slots)
         on_gpu = any(s.p.device.type == "cuda" for s in slots)
@@ -136,14 +136,6 @@ def write_file(path: Path, data) -> FileEntry:
         f.flush()
         os.fsync(f.fileno())
     return FileEntry(size=len(view), xxh3=digest.hexdigest())
-
-
-def checksum(path: Path) -> str:
-    digest = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_rank(directory: Path, rank: int, values: torch.Tensor, index: dict) -> dict[str, FileEntry]:

@@ -38,11 +38,13 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from megalm_kernels.provenance import git_commit
 
 from megalm.checkpoint import catalog
 from megalm.checkpoint.fragments import Fragment, adam_step, ensure_optimizer_state, local_slots
 from megalm.checkpoint.meta import CheckpointMeta, FileEntry, Layout
-from megalm.checkpoint.shards import CheckpointReader, Staging, checksum, rank_index, write_file, write_rank
+from megalm.checkpoint.shards import CheckpointReader, Staging, rank_index, write_file, write_rank
+from megalm.common import checksum
 from megalm.config import Config, load_config
 from megalm.data.location import Location
 from megalm.data.tokenizer import load_tokenizer, tokenizer_hash
@@ -214,7 +216,7 @@ class Checkpointer:
             if problem:
                 log.warning("checkpoint: cannot resume from %s: %s; trying the previous one", ckpt.name, problem)
                 continue
-            self._check_compatible(ckpt, meta, "train.resume")
+            self._check_compatible(ckpt, meta, "train.resume", "all")
             self._load(ckpt, meta, "all")
             if ckpt.parent == self.root:
                 self.protected.add(ckpt)
@@ -234,7 +236,7 @@ class Checkpointer:
         meta, problem = self._verified(ckpt)
         if problem:
             raise CheckpointError(f"{key}: {ckpt} is damaged: {problem}")
-        self._check_compatible(ckpt, meta, key)
+        self._check_compatible(ckpt, meta, key, keep)
         step = _step(meta)
         if keep == "optimizer" and step >= self.cfg.train.steps:
             raise ConfigError(f"train.steps: with train.init_keep_optimizer the step count goes on from {ckpt}'s "
@@ -255,11 +257,13 @@ class Checkpointer:
         found = [p for part in everyone for p in part]
         return meta, (found[0] if found else None)
 
-    def _check_compatible(self, ckpt: Path, meta: CheckpointMeta, key: str) -> None:
-        """The model and the tokenizer must be the saved ones; a resume lists the other changes."""
+    def _check_compatible(self, ckpt: Path, meta: CheckpointMeta, key: str, keep: str) -> None:
+        """The model and the tokenizer must be the saved ones (a new run from another's weights may
+        change the head: a classifier from a language model); a resume lists the other changes."""
         saved, now = _flatten(meta.config), _flatten(self.cfg.to_dict())
         differ = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
-        shape = {k: v for k, v in differ.items() if k.startswith("model.") and k.split(".")[1] not in FREE_MODEL_KEYS}
+        free = FREE_MODEL_KEYS if keep == "all" else FREE_MODEL_KEYS | {"labels"}
+        shape = {k: v for k, v in differ.items() if k.startswith("model.") and k.split(".")[1] not in free}
         if shape:
             free = ", ".join(f"model.{k}" for k in sorted(FREE_MODEL_KEYS))
             fix = "resume with its model settings, or start a new run_dir" if key == "train.resume" else \
@@ -283,7 +287,10 @@ class Checkpointer:
                 log.info("init: %s holds no optimizer state; Adam's moments start at zero", ckpt.name)
         moments = meta.optimizer and keep != "weights"
         ensure_optimizer_state(self.engine, reader.adam_step if moments else 0)
+        new = self._new_parameters(ckpt, reader, keep)
         for slot in local_slots(self.engine, self.mesh, self.names, saving=False):
+            if slot.fragment.name in new:
+                continue  # keeps its seeded initial value; its moments start at zero
             values = reader.local(slot.fragment.name, getattr(slot.p, "shard", None), self.mesh.tp_rank, self.mesh.tp)
             # without optimizer state (an imported model), or when not kept, the moments are zeros
             slot.write(values[0], values[1:] if moments else [torch.zeros_like(v) for v in values[1:]])
@@ -304,6 +311,23 @@ class Checkpointer:
             elif self.rank == 0:
                 log.info("resume: %s has no %s state for this layout (%s); it starts from the seed", ckpt.name,
                          name, "the layout changed" if not same else "none was saved")
+
+    def _new_parameters(self, ckpt: Path, reader: CheckpointReader, keep: str) -> set[str]:
+        """Collective: this rank's parameters that ``ckpt`` lacks. A resume needs every one; a new run
+        from another's weights may add some (a classifier's head) and leave some of the checkpoint's
+        unused (a language model's head): rank 0 says which, for the whole model."""
+        ours, theirs = set(self.names.values()), set(reader.names())
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, sorted(ours))  # a pipeline stage holds only its own layers
+        model = set().union(*everyone)
+        if keep == "all" and model - theirs:
+            raise CheckpointError(f"{ckpt}: holds no values for {', '.join(sorted(model - theirs))}: not a checkpoint "
+                                  f"of this model")
+        if self.rank == 0 and model - theirs:
+            log.info("init: new parameters, not in %s (seeded afresh): %s", ckpt.name, ", ".join(sorted(model - theirs)))
+        if self.rank == 0 and theirs - model:
+            log.info("init: parameters of %s this model has no use for: %s", ckpt.name, ", ".join(sorted(theirs - model)))
+        return ours - theirs
 
     def _restore_schedule(self, step: int) -> None:
         """The engine's counters and the learning rate of step ``step`` (the schedule is a function
@@ -359,12 +383,6 @@ def versions() -> dict[str, str]:
             "megalm": importlib.metadata.version("megalm")}
 
 
-def git_commit() -> str:
-    from megalm_kernels.benchmarking import git_commit as commit
-
-    return commit()
-
-
 def save_weights(out: Path, cfg: Config, state: dict[str, torch.Tensor], tokenizer: Path) -> Path:
     """A checkpoint of a model's weights alone (no optimizer, step or data state), as written by
     one process, plus ``model.yaml`` (its model config, for a run to name). Training started from
@@ -399,24 +417,27 @@ def save_weights(out: Path, cfg: Config, state: dict[str, torch.Tensor], tokeniz
 
 
 # the train.* keys that belong to the run that saved a checkpoint, not to a run starting from it
-RUN_OWN_KEYS = {"run_dir", "resume", "init_from", "init_keep_optimizer", "stop_at", "profile"}
+RUN_OWN_KEYS = {"task", "run_dir", "resume", "init_from", "init_keep_optimizer", "stop_at", "profile"}
 
 
-def run_config(ckpt: Path, data_dir: str, overrides: list[str]) -> Config:
+def run_config(ckpt: Path, overrides: list[str], data_dir: str | None = None) -> Config:
     """The config of a new run on checkpoint ``ckpt``'s model (``megalm finetune``, ``megalm eval``):
-    its model and its ``train.*`` settings but those in RUN_OWN_KEYS; ``data.dir`` with its sequence
-    length (at most the model's); the default parallel layout (the launch's); then ``overrides``.
-    The data must be prepared, with the checkpoint's tokenizer: checked here, before any process
-    group starts."""
+    its model, its sequence length and its ``train.*`` settings but those in RUN_OWN_KEYS; with
+    ``data_dir``, that prepared directory (which must hold data tokenized with the checkpoint's
+    tokenizer: checked here, before any process group starts) with its sequence length at most the
+    model's; the default parallel layout (the launch's); then ``overrides``."""
     meta = CheckpointMeta.read(ckpt)
     saved = meta.config
     model = saved["model"]
     train = {k: v for k, v in saved["train"].items() if k not in RUN_OWN_KEYS}
-    seq_len = min(saved["data"]["seq_len"], model["max_seq_len"])
+    data = {"seq_len": min(saved["data"]["seq_len"], model["max_seq_len"])}
+    if data_dir is not None:
+        data["dir"] = str(data_dir)
     # JSON is YAML: the checkpoint's sections go through the overrides' one path of parsing and checking
-    cfg = load_config(None, [f"model={json.dumps(model)}", f"train={json.dumps(train)}",
-                             f"data.dir={json.dumps(str(data_dir))}", f"data.seq_len={seq_len}", *overrides])
-    d = cfg.data
-    manifest = Location(d.dir, d.shards, d.cache_dir).manifest()
-    check_tokenizer(ckpt, meta, manifest.tokenizer_hash, f"{d.dir}/{manifest.tokenizer}", "data.dir")
+    cfg = load_config(None, [f"model={json.dumps(model)}", f"train={json.dumps(train)}", f"data={json.dumps(data)}",
+                             *overrides])
+    if data_dir is not None:
+        d = cfg.data
+        manifest = Location(d.dir, d.shards, d.cache_dir).manifest()
+        check_tokenizer(ckpt, meta, manifest.tokenizer_hash, f"{d.dir}/{manifest.tokenizer}", "data.dir")
     return cfg

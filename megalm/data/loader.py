@@ -28,12 +28,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megalm.common import IGNORE
 from megalm.config import BatchLayout
 from megalm.data.dataset import TrainSource, apportion
 from megalm.data.location import BadShard
 from megalm.data.manifest import ShardEntry
 from megalm.errors import DataError
-from megalm.parallel.tensor_parallel import IGNORE
 
 log = logging.getLogger("megalm.data")
 
@@ -224,8 +224,9 @@ class Step:
     """One optimizer step's data on this rank."""
 
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]]  # (inputs, labels); padding labels are IGNORE
-    sequences: torch.Tensor  # this rank's real rows of the global batch, (rows, seq_len + 1)
+    sequences: torch.Tensor  # this rank's real rows of the global batch (their fingerprint names the data)
     loss_tokens: int  # labels that count, on this rank
+    tokens: int  # input tokens of this rank's real rows (throughput counts them)
     tokens_by_source: list[int]  # labels that count, per source (in data.mix order)
     bad_shards: list[str]  # skipped shards first found by this rank's lanes in this step
 
@@ -285,7 +286,8 @@ class TrainLoader:
         for (_, source, _), count in zip(self._lanes, counted):
             by_source[source.index] += count
         mb = self.layout.micro_batch_size
-        return Step(list(zip(inputs.split(mb), labels.split(mb))), tokens[:n], sum(by_source), by_source, bad)
+        return Step(list(zip(inputs.split(mb), labels.split(mb))), tokens[:n], loss_tokens=sum(by_source),
+                    tokens=n * (seq - 1), tokens_by_source=by_source, bad_shards=bad)
 
     def _next_chunks(self) -> list[tuple[_Chunk, int]]:
         """Each worker's chunk holding this step, and the step's index in it. The DataLoader hands

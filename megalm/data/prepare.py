@@ -39,7 +39,7 @@ import numpy as np
 import webdataset as wds
 from tokenizers import Tokenizer
 
-from megalm.checkpoint.shards import checksum
+from megalm.common import checksum
 from megalm.config import DataConfig
 from megalm.data import workers
 from megalm.data.clean import NOT_UTF8, OK, Cleaner

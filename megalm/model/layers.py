@@ -159,11 +159,14 @@ class Embedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.tok = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, tp, cfg.init_std)
+        self.padded = bool(cfg.labels)  # a classifier's texts come right-padded with PAD
         self.pos = parameter((cfg.max_seq_len, cfg.d_model), cfg.init_std) if cfg.style == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
         init_layer(self, layer_id, seed, tp)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.padded:  # a classifier's right padding (negative) looks up token 0: what it reads never depends on it
+            input_ids = input_ids.clamp(min=0)
         x = self.tok(input_ids)  # with tp > 1 this sums the ranks' lookups (an all-reduce)
         if self.pos is not None:
             x = x + self.pos[: input_ids.shape[1]]
@@ -225,22 +228,23 @@ class LossFunction:
     """Cross-entropy on vocabulary-parallel logits (also a pipeline's ``loss_fn``), against labels
     already aligned with the inputs (next tokens, or masked tokens: megalm.train.objective).
 
-    ``reduction`` "mean" averages over the labels that count; "sum" adds them up, times ``scale``.
-    Training uses the scaled sum: with ``scale = dp * grad_accum / (labels counted in the global
-    batch)`` DeepSpeed's averaging over micro-batches and ranks yields the exact mean over the global
-    batch, however the counted labels are spread (padding, masked objectives, skipped shards).
+    ``target`` is the labels alone (the mean over those that count) or ``(labels, scale)``: their
+    sum times ``scale``. Training passes the scale with every micro-batch: with ``scale = dp *
+    grad_accum / (labels counted in the global batch)`` DeepSpeed's averaging over micro-batches and
+    ranks yields the exact mean over the global batch, however the counted labels are spread
+    (padding, masked objectives, skipped shards); evaluation passes 1 and sums.
 
     While ``correct`` is a tensor (evaluation sets it), the labels predicted exactly are added to it:
     inside the loss is the one place every layout, the pipeline's included, has the logits."""
 
     def __init__(self, tp: TPContext):
         self.tp = tp
-        self.reduction = "mean"
-        self.scale: torch.Tensor | float = 1.0
         self.correct: torch.Tensor | None = None
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, target) -> torch.Tensor:
+        labels, scale = target if isinstance(target, (tuple, list)) else (target, None)
         if self.correct is not None:
             self.correct += ((vocab_parallel_argmax(logits, self.tp) == labels) & (labels != IGNORE)).sum()
-        loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.reduction)
-        return loss if self.reduction == "mean" else loss * self.scale
+        if scale is None:
+            return vocab_parallel_cross_entropy(logits, labels, self.tp, "mean")
+        return vocab_parallel_cross_entropy(logits, labels, self.tp, "sum") * scale

@@ -1,12 +1,14 @@
-"""The decoder-only Transformer as a list of layers: Embedding, Block x n_layers, FinalNorm, Head.
+"""The Transformer as a list of layers: Embedding, Block x n_layers, FinalNorm, and a head: the
+language-model head (``Head``; with tied embeddings the embedding matrix itself,
+``Embedding.logits``) or, for a model with ``model.labels``, the classifier head
+(``model/classifier.py``). Each head comes with its loss function.
 
 ``Transformer`` runs the list in one process group stage (tensor and data parallel, any ZeRO
 stage). ``pipeline_module`` hands the same layers to DeepSpeed's ``PipelineModule``, which places
 consecutive layers on pipeline stages (1F1B schedule). ``layer_ids`` numbers the layers once for
 everything that needs it: layer ``i`` is initialized from seeds that depend only on ``i`` and the
 parameter's name, so both forms, on any layout, start from the same weights; and the pipeline's
-layer ``i`` holds the parameters the one-process model names ``<layer name>.*``. With tied
-embeddings the head is the embedding matrix itself (``Embedding.logits``).
+layer ``i`` holds the parameters the one-process model names ``<layer name>.*``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from torch import nn
 
 from megalm.config import ModelConfig
+from megalm.common import PAD
+from megalm.model.classifier import ClassifierHead, PooledCrossEntropy
 from megalm.model.layers import Block, Embedding, FinalNorm, Head, LossFunction
 from megalm.parallel.mesh import Mesh, single_process_mesh
 from megalm.parallel.tensor_parallel import TPContext, gather_vocab
@@ -33,22 +37,29 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, self.tp, ids[f"blocks.{i}"], seed, checkpointing)
                                     for i in range(cfg.n_layers))
         self.norm = FinalNorm(cfg, self.tp, ids["norm"], seed)
-        self.head = None if cfg.tie_embeddings else Head(cfg, self.tp, ids["head"], seed)
-        self.loss_fn = LossFunction(self.tp)
+        self.head = None if cfg.tie_embeddings or cfg.labels else Head(cfg, self.tp, ids["head"], seed)
+        self.classifier = ClassifierHead(cfg, self.tp, ids["classifier"], seed) if cfg.labels else None
+        self.loss_fn = PooledCrossEntropy() if cfg.labels else LossFunction(self.tp)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss given labels (see LossFunction); otherwise the full logits (gathered over tensor ranks)."""
-        x = self.hidden_states(input_ids)
-        logits = self.embed.logits(x) if self.head is None else self.head(x)
-        if labels is None:
-            return gather_vocab(logits, self.tp)
-        return self.loss_fn(logits, labels)
-
+    def forward(self, input_ids: torch.Tensor, target=None) -> torch.Tensor:
+        """The loss given a target (see the loss functions); otherwise the logits: the full
+        vocabulary's (gathered over tensor ranks), or a classifier's class logits of every position."""
+        # Right padding (a classifier's texts) changes nothing a causal model reads; a bidirectional
+        # one must not attend to it
+        padding = input_ids == PAD if self.classifier is not None and self.cfg.objective == "masked" else None
+        x = self.hidden_states(input_ids, padding)
+        if self.classifier is not None:
+            logits = self.classifier(x)
+        else:
+            logits = self.embed.logits(x) if self.head is None else self.head(x)
+        if target is None:
+            return logits if self.classifier is not None else gather_vocab(logits, self.tp)
+        return self.loss_fn(logits, target)
 
     def hidden_states(self, input_ids: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        """The final-norm hidden states (B, T, d_model), what the LM head and task heads read (with
-        sequence parallelism, this rank's slice of the sequence). ``padding`` (B, T) marks right
-        padding, which bidirectional (masked-LM) attention must not attend to."""
+        """The final-norm hidden states (B, T, d_model), what the heads read (with sequence
+        parallelism, this rank's slice of the sequence). ``padding`` (B, T) marks right padding,
+        which bidirectional (masked-LM) attention must not attend to."""
         t = input_ids.shape[1]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
@@ -60,8 +71,9 @@ class Transformer(nn.Module):
 
 def layer_ids(cfg: ModelConfig) -> dict[str, int]:
     """The model's layers in order, by their name in ``Transformer``: embed, blocks.0 … blocks.N-1,
-    norm, head. The id is the layer's position (a pipeline's layer index)."""
-    names = ["embed", *(f"blocks.{i}" for i in range(cfg.n_layers)), "norm", "head"]
+    norm, and head (a language model) or classifier (a model with labels). The id is the layer's
+    position (a pipeline's layer index)."""
+    names = ["embed", *(f"blocks.{i}" for i in range(cfg.n_layers)), "norm", "classifier" if cfg.labels else "head"]
     return {name: i for i, name in enumerate(names)}
 
 
@@ -90,7 +102,8 @@ def parameter_count(cfg: ModelConfig) -> int:
     attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if bias else 0)
     mlp = d * ffn * (2 if cfg.style == "llama" else 1) + ffn * d + (ffn + d if bias else 0)
     n = cfg.n_layers * (attn + mlp + 2 * norm) + norm
-    n += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    n += cfg.vocab_size * d * (1 if cfg.tie_embeddings or cfg.labels else 2)  # a classifier has no LM head
+    n += len(cfg.labels) * (d + 1)
     return n + (cfg.max_seq_len * d if cfg.style == "gpt2" else 0)
 
 
@@ -102,7 +115,10 @@ def pipeline_module(cfg: ModelConfig, mesh: Mesh, *, seed: int, sequence_paralle
 
     tp = TPContext(mesh, sequence_parallel)
     ids = layer_ids(cfg)
-    if cfg.tie_embeddings:
+    if cfg.labels:
+        first = LayerSpec(Embedding, cfg, tp, ids["embed"], seed)
+        last = LayerSpec(ClassifierHead, cfg, tp, ids["classifier"], seed)
+    elif cfg.tie_embeddings:
         first = TiedLayerSpec("embed", Embedding, cfg, tp, ids["embed"], seed, tied_weight_attr=["tok.weight"])
         last = TiedLayerSpec("embed", Embedding, cfg, tp, ids["embed"], seed, forward_fn=_tied_logits,
                              tied_weight_attr=["tok.weight"])
@@ -113,7 +129,9 @@ def pipeline_module(cfg: ModelConfig, mesh: Mesh, *, seed: int, sequence_paralle
     layers = [first, *blocks, LayerSpec(FinalNorm, cfg, tp, ids["norm"], seed), last]
     assert len(layers) == len(ids)  # pipeline layer i must be layer id i
     topology = PipeModelDataParallelTopology(num_pp=mesh.pp, num_mp=mesh.tp, num_dp=mesh.dp)
-    return PipelineModule(layers=layers, topology=topology, loss_fn=LossFunction(tp),
+    # a classifier's micro-batches are as long as their longest text: the stages pass on their shapes
+    return PipelineModule(layers=layers, topology=topology, dynamic_shape=bool(cfg.labels),
+                          loss_fn=PooledCrossEntropy() if cfg.labels else LossFunction(tp),
                           partition_method="parameters" if partition == "parameters" else "uniform")
 
 

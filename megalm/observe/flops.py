@@ -9,7 +9,7 @@ and weights: 2 × forward). The forward, per token:
 - each block's attention, ``2 · 2 · seq · d``: scores ``QKᵀ`` and mixing ``AV`` over the full
   ``seq × seq`` matrix, as PaLM and Megatron-LM count it (a causal kernel skips half of it, so MFU
   compares runs, not kernels' raw efficiency);
-- the LM head, ``2 · d · vocab``.
+- the LM head, ``2 · d · vocab`` (a classifier's head, ``2 · d · labels``, at every position).
 
 Norms, biases, softmax and the embedding lookup are left out (under 1% at any real size). The
 formula is checked against torch's FLOP counter on the model itself (tests/test_observe.py).
@@ -40,7 +40,7 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> int:
     d, hd, kv = m.d_model, m.head_dim, m.kv_heads
     mlp = (2 if m.style == "gpt2" else 3) * d * m.ffn_dim
     block = 2 * (d * (d + 2 * kv * hd) + d * d + mlp) + 2 * 2 * seq_len * d
-    forward = m.n_layers * block + 2 * d * m.vocab_size
+    forward = m.n_layers * block + 2 * d * (len(m.labels) or m.vocab_size)
     return 3 * forward
 
 

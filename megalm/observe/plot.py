@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megalm.errors import UsageError
 from megalm.observe.metrics import read_metrics
 
 DEFAULT_METRICS = ["loss", "tokens_per_s", "mfu", "mem_peak_gb"]
@@ -70,32 +71,26 @@ def plot_loss(run_dir: Path) -> Path | None:
 # ------------------------------------------------------------------------------ benchmarks
 
 TRAIN_BARS = [("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("mem_peak_gb", "peak memory (GB)")]
-KERNEL_SIZES = ("seq", "hidden")  # the x axis: attention by sequence length, norms by hidden size
-KERNEL_VARIANT = ("head_dim", "causal", "gqa")  # what else tells an attention row's line apart
 
 
 def plot_bench(results: Path, out: Path | None = None) -> Path:
-    """The figure of a ``megalm bench train`` or kernels result file, written beside it (``out``:
-    elsewhere). Raises ValueError for results of another benchmark."""
+    """The figure of a ``megalm bench train`` result file, written beside it (``out``: elsewhere).
+    (Kernel results are drawn by their own benchmark, megalm_kernels.bench, as it writes them.)"""
     data = json.loads(Path(results).read_text())
+    rows = data.get("rows") or [{}]
+    if "variant" not in rows[0]:
+        raise UsageError(f"{results}: not the results of megalm bench train (no variants to draw); kernel results "
+                         f"come drawn by megalm bench kernels itself, beside them")
     out = Path(out) if out else Path(results).with_suffix(".png")
-    try:
-        save_bench(data["rows"], out, data["meta"])
-    except ValueError as e:
-        raise ValueError(f"{results}: {e}") from None
+    save_bench(data["rows"], out, data["meta"])
     return out
 
 
 def save_bench(rows: list[dict], out: Path, meta: dict) -> None:
-    """Draw benchmark rows to ``out`` (also the ``plot`` hook of megalm_kernels.benchmarking.write_results)."""
+    """Draw ``megalm bench train`` rows to ``out`` (the ``plot`` hook of write_results)."""
     import matplotlib.pyplot as plt
 
-    if rows and "variant" in rows[0]:
-        fig = train_bench_figure(rows, meta)
-    elif rows and "op" in rows[0]:
-        fig = kernel_bench_figure(rows, meta)
-    else:
-        raise ValueError("neither bench train nor bench kernels results; nothing to plot")
+    fig = train_bench_figure(rows, meta)
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
@@ -121,35 +116,3 @@ def train_bench_figure(rows: list[dict], meta: dict):
     return fig
 
 
-def kernel_bench_figure(rows: list[dict], meta: dict):
-    """Throughput against size, one panel per op and pass (forward, forward + backward), one line per
-    implementation (and, for attention, per head dim, causal mask and grouped-query ratio)."""
-    panels: dict[tuple[str, str], dict[str, list]] = {}
-    for row in rows:
-        variant = " ".join(_variant_label(k, row[k]) for k in KERNEL_VARIANT if k in row)
-        line = f"{row['impl']} {variant}".strip()
-        panels.setdefault((row["op"], row["mode"]), {}).setdefault(line, []).append(row)
-    fig, axes = _panels(len(panels))
-    for ax, ((op, mode), lines) in zip(axes, sorted(panels.items())):
-        first = next(iter(lines.values()))[0]
-        size = next(k for k in KERNEL_SIZES if k in first)
-        for label, points in sorted(lines.items()):
-            points = sorted(points, key=lambda r: r[size])
-            ax.plot([r[size] for r in points], [r["rate"] for r in points], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length" if size == "seq" else "hidden size")
-        ax.set_ylabel(first["unit"])
-        ax.set_title(f"{op}, {mode}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"bench kernels: {_bench_title(meta)}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above the panels
-    return fig
-
-
-def _variant_label(key: str, value) -> str:
-    if key == "head_dim":
-        return f"d{value}"
-    if key == "causal":
-        return "causal" if value else ""
-    return f"gqa{value}" if value > 1 else ""

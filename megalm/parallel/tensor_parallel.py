@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megalm.common import IGNORE
 from megalm.parallel.mesh import Mesh
 
 SEQ_DIM = 1  # activations are (batch, sequence, hidden)
@@ -87,14 +88,21 @@ class _ExitRegion(torch.autograd.Function):
 
 
 class _GatherSeq(torch.autograd.Function):
+    """All-gather the sequence shards. Backward, for a parallel region (``replicated=False``): the
+    ranks' gradients of the full sequence are partial sums, reduced and scattered. For a consumer that
+    every rank runs whole and alike (a replicated head and its loss), each rank's gradient of the
+    full sequence is already the whole gradient: it keeps its own slice."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, replicated=False):
+        ctx.group, ctx.replicated = group, replicated
         return _all_gather_seq(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
+        if ctx.replicated:
+            return _split_seq(grad, ctx.group), None, None
+        return _reduce_scatter_seq(grad, ctx.group), None, None
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
@@ -161,6 +169,13 @@ class TPContext:
         if self.size == 1 or not self.sequence_parallel:
             return x
         return _ScatterSeq.apply(x, self.mesh.tp_group)
+
+    def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's sequence shard -> the full sequence, for a replicated layer after the last
+        block (SP only; without SP every rank holds the full sequence already)."""
+        if self.size == 1 or not self.sequence_parallel:
+            return x
+        return _GatherSeq.apply(x, self.mesh.tp_group, True)
 
     def replicated(self, p: torch.Tensor) -> torch.Tensor:
         """Use a replicated parameter on sequence shards: its gradient is summed over the group."""
@@ -332,7 +347,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_logits * grad.unsqueeze(-1), None, None, None
 
 
-IGNORE = -100  # label of positions that do not count (padding in evaluation)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp: TPContext,

@@ -1,4 +1,4 @@
-"""The parallel layouts a run could use: one ``Layout`` is (tp, pp, dp, micro-batch, ZeRO stage,
+"""The parallel layouts a run could use: one ``Candidate`` layout is (tp, pp, dp, micro-batch, ZeRO stage,
 activation checkpointing, sequence parallelism), and ``layouts`` lists every one megalm would accept
 for a model on a cluster, by the same checks ``megalm train`` makes before it starts.
 """
@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megalm.config import Config, _validate_model_split, batch_layout
+from megalm.config import Config, validate_model_split, batch_layout
 from megalm.errors import ConfigError
 
 CHECKPOINTING = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
     tp: int
     pp: int
     dp: int
@@ -48,7 +48,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> tuple[list[Layout], dict[str, tuple[int, str]]]:
+def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> tuple[list[Candidate], dict[str, tuple[int, str]]]:
     """Every layout of ``gpus`` GPUs that megalm accepts for ``cfg``'s model, sequence length and global
     batch; and the refused ones, by the key their check names: (how many, one of the messages).
     Tensor parallelism stays inside a node; micro-batches are powers of two up to the per-rank batch."""
@@ -71,9 +71,9 @@ def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> tuple[list[Layout], d
                 for zero in range(4):
                     for checkpointing in CHECKPOINTING:
                         for sp in (False, True) if tp > 1 else (False,):
-                            layout = Layout(tp, pp, dp, micro, zero, checkpointing, sp)
+                            layout = Candidate(tp, pp, dp, micro, zero, checkpointing, sp)
                             try:
-                                _validate_model_split(layout.apply(cfg))
+                                validate_model_split(layout.apply(cfg))
                             except ConfigError as e:
                                 refuse(str(e).partition(":")[0], str(e))
                                 continue

@@ -33,7 +33,7 @@ import functools
 from dataclasses import dataclass, field
 
 from megalm.config import Config, ModelConfig
-from megalm.plan.layout import Layout
+from megalm.plan.layout import Candidate
 
 GB = 1e9
 BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements); also the gradient flattening chunk
@@ -114,7 +114,7 @@ def layer_parameters(m: ModelConfig, tp: int, pipeline: bool) -> list[int]:
     return [embed, *[block] * m.n_layers, norm, head]
 
 
-def stages(cfg: Config, layout: Layout) -> list[Stage]:
+def stages(cfg: Config, layout: Candidate) -> list[Stage]:
     """The pipeline stages (one without pipelining), split as DeepSpeed's PipelineModule splits the
     layers (parallel.pp_partition: balancing parameters, or equal layer counts)."""
     m = cfg.model
@@ -246,14 +246,14 @@ def loss_backward_bytes(m: ModelConfig, tokens: int, tp: int) -> float:
 # ---------------------------------------------------------------------------------- peak
 
 
-def memory(cfg: Config, layout: Layout, device: str = "cuda") -> Memory:
+def memory(cfg: Config, layout: Candidate, device: str = "cuda") -> Memory:
     """The peak of the most loaded stage of ``layout`` for ``cfg`` (model vocabulary and length
     resolved): per stage, resident state plus the largest of the three moments' needs."""
     return max((stage_memory(cfg, layout, stage, device) for stage in stages(cfg, layout)),
                key=lambda mem: mem.allocated)
 
 
-def stage_memory(cfg: Config, layout: Layout, stage: Stage, device: str) -> Memory:
+def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> Memory:
     m, precision = cfg.model, cfg.train.precision
     micro_batches = layout.micro_batches(cfg)
     tokens = layout.micro_batch * cfg.data.seq_len

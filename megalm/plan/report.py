@@ -16,18 +16,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megalm.config import Config, load_config, run_file, shipped
+from megalm.config import Config, load_config, resolve, run_file, shipped
 from megalm.errors import ConfigError
 from megalm.model.transformer import parameter_count
 from megalm.plan.hardware import CUDA_OVERHEAD_GB, Cluster, cluster
-from megalm.plan.layout import Layout, layouts
+from megalm.plan.layout import Candidate, layouts
 from megalm.plan.memory import GB, Memory, memory
 from megalm.plan.step_time import StepTime, step_time
 
 
 @dataclass(frozen=True)
 class Estimate:
-    layout: Layout
+    layout: Candidate
     memory: Memory
     time: StepTime
     fits: bool
@@ -46,7 +46,6 @@ class Plan:
 def model_config(config: str, overrides: list[str], vocab: int) -> tuple[Config, str]:
     """The run config (a run file or shipped run; or a model preset name, on default run settings), its
     vocabulary and length resolved as training resolves them; and where the vocabulary came from."""
-    from megalm.train.engine import resolve_model_config
 
     try:
         run_file(config)
@@ -57,8 +56,8 @@ def model_config(config: str, overrides: list[str], vocab: int) -> tuple[Config,
     else:
         cfg = load_config(config, overrides)
     if cfg.model.vocab_size:
-        return resolve_model_config(cfg, cfg.model.vocab_size), "model.vocab_size"
-    return resolve_model_config(cfg, vocab), f"--vocab {vocab} (the config leaves it to the tokenizer)"
+        return resolve(cfg, None, tokenizer_vocab=cfg.model.vocab_size), "model.vocab_size"
+    return resolve(cfg, None, tokenizer_vocab=vocab), f"--vocab {vocab} (the config leaves it to the tokenizer)"
 
 
 def make_plan(cfg: Config, machines: Cluster, vocab_note: str = "model.vocab_size") -> Plan:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from megalm.config import Config, batch_layout
 from megalm.observe.flops import flops_per_token
 from megalm.plan.hardware import Cluster
-from megalm.plan.layout import Layout
+from megalm.plan.layout import Candidate
 from megalm.plan.memory import element_bytes, stages
 
 
@@ -70,7 +70,7 @@ def ring(collective: str, nbytes: float, ranks: int, gbs: float) -> float:
     return factor * nbytes / (gbs * 1e9)
 
 
-def step_time(cfg: Config, layout: Layout, cluster: Cluster) -> StepTime:
+def step_time(cfg: Config, layout: Candidate, cluster: Cluster) -> StepTime:
     m, seq, precision = cfg.model, cfg.data.seq_len, cfg.train.precision
     e = element_bytes(precision)
     batch = batch_layout(layout.apply(cfg), layout.dp)

@@ -15,27 +15,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from megalm.config import VOCAB_MULTIPLE, Config, batch_layout, validate
-from megalm.errors import ConfigError
+from megalm.config import Config, batch_layout
 from megalm.model.layers import Block
 from megalm.model.transformer import Transformer, pipeline_module
 from megalm.parallel.mesh import Mesh
 from megalm.train.schedule import lr_multiplier
 
 log = logging.getLogger("megalm")
-
-
-def resolve_model_config(cfg: Config, tokenizer_vocab: int) -> Config:
-    """Fill the model fields that default to the data's: the vocabulary (the tokenizer's, rounded
-    up to a multiple of 128 for fast matmuls and even tensor-parallel splits) and the length; then
-    check the config again, now that they are known."""
-    m = cfg.model
-    vocab = m.vocab_size or -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    if vocab < tokenizer_vocab:
-        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's vocabulary of {tokenizer_vocab}")
-    resolved = cfg.replace("model", vocab_size=vocab, max_seq_len=m.max_seq_len or cfg.data.seq_len)
-    validate(resolved)
-    return resolved
 
 
 def build_model(cfg: Config, mesh: Mesh) -> nn.Module:

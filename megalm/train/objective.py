@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megalm.common import IGNORE
 from megalm.config import Config
 from megalm.data.tokenizer import load_tokenizer, mask_id, special_ids
-from megalm.parallel.tensor_parallel import IGNORE
 
 EVAL_STEP = -1  # the "step" whose masks the validation sequences get, the same at every evaluation
 

@@ -1,11 +1,17 @@
-"""``megalm train``: the Trainer, read top to bottom.
+"""``megalm train`` (and ``megalm finetune``): the Trainer, read top to bottom.
 
-Set-up, in ``__init__``: the world and its 3D mesh → the data (prepared by rank 0 if needed) → the
-run dir → the model in its DeepSpeed engine → the stateful parts (step counters, data loader,
-random streams) and the checkpointer that saves them → resume. Then ``run`` loops (``run_steps``,
-shared with classification fine-tuning): ``train_step`` (one optimizer step over the micro-batches),
-``log_step`` (metrics), ``evaluate`` every ``train.eval_every`` steps, ``save`` every
-``train.save_every`` steps or when a signal asks to stop; at the end a final evaluation, checkpoint and loss plot.
+One trainer for every task: pretraining, continued pretraining, masked LM and classification
+differ only in the task (``train.task``: megalm.train.tasks), which brings the data, how it is
+scored and the config's data-decided fields; the model's head and loss follow from the config.
+
+Set-up, in ``__init__``: the world and its 3D mesh, the watchdog (from here on a failure on any rank
+is told first, on every rank) → the run dir's lock → the task reads its data → the config resolved
+once (``config.resolve``) → the model in its DeepSpeed engine → the stateful parts (step counters,
+the task's loader, random streams) and the checkpointer that saves them → resume (or start from
+``train.init_from``). Then ``run`` loops (``run_steps``): ``train_step`` (one optimizer step over the
+micro-batches), ``log_step`` (metrics), ``evaluate`` every ``train.eval_every`` steps, ``save`` every
+``train.save_every`` steps or when a signal asks to stop; at the end a final evaluation, checkpoint,
+the task's outputs and the loss plot.
 """
 
 from __future__ import annotations
@@ -19,13 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megalm_kernels.benchmarking import device_name
+from megalm_kernels.provenance import device_name
 
 from megalm.checkpoint.store import Checkpointer
 from megalm.config import Config, batch_layout, validate
-from megalm.data.dataset import TrainSource, open_sources
-from megalm.data.loader import Step, TrainLoader, validation_sequences
-from megalm.data.prepare import ensure_prepared
+from megalm.data.loader import Step
 from megalm.errors import EXIT_STOPPED, FAILURES_FILE
 from megalm.model.transformer import parameter_count
 from megalm.observe.flops import flops_per_token, mfu, peak_tflops
@@ -36,12 +40,12 @@ from megalm.observe.profile import StepProfiler
 from megalm.observe.timing import PhaseTimer
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
-from megalm.train.engine import build_engine, build_model, gradient_norm, resolve_model_config
-from megalm.train.evaluate import score
+from megalm.train.engine import build_engine, build_model, gradient_norm
+from megalm.train.evaluate import to_device
 from megalm.train.loop import run_steps
-from megalm.train.objective import build_objective
 from megalm.train.run_lock import RunLock
 from megalm.train.state import RNGState, TrainState
+from megalm.train.tasks import build_task
 from megalm.train.watchdog import Watchdog
 
 log = logging.getLogger("megalm")
@@ -52,12 +56,19 @@ class Summary:
     run_dir: Path
     steps: int
     tokens: int
-    val_loss: float | None  # None: stopped before any evaluation
-    val_ppl: float
+    scores: dict | None  # the last evaluation's (None: stopped before any)
     wall_s: float
     checkpoint: Path | None
-    unigram_entropy_nats: float
+    unigram_entropy_nats: float | None  # a language model's data: what ignoring context scores
     stopped: bool = False  # by a signal, before the last step (after saving)
+
+    @property
+    def val_loss(self) -> float:
+        return self.scores["val_loss"] if self.scores else math.nan
+
+    @property
+    def val_ppl(self) -> float:
+        return math.exp(self.val_loss)
 
     def report(self) -> int:
         """The run's last line (rank 0 logs it); the exit code of the command that ran it."""
@@ -70,32 +81,42 @@ class Summary:
         return 0
 
 
+def start_world(cfg: Config):
+    """Join the launch's processes and lay them out as the 3D mesh (``megalm eval`` starts the same way)."""
+    validate(cfg, launched_world_size())  # layout errors surface before any process group starts
+    world = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+    mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank)
+    if world.is_main:
+        log.info(mesh.describe())
+    return world, mesh
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.t_start = time.time()
-        self.world, self.mesh = self.start_world(cfg)
+        self.world, self.mesh = start_world(cfg)
         self.watchdog = Watchdog(cfg.train.watchdog_timeout_s, Path(cfg.train.run_dir) / FAILURES_FILE)
         self.watchdog.start()
         with self.watchdog.reporting():  # from here on a failure on any rank is told first, on every rank
             self._set_up(cfg)
 
+    # ------------------------------------------------------------------------------ set-up
+
     def _set_up(self, cfg: Config) -> None:
         self.lock = self._lock_run_dir(cfg)
-        self.cfg, self.sources = self._prepare_data(cfg)
-        self.manifest = self.sources[0].manifest
-        self.tokenizer = self.sources[0].location.local_file(self.manifest.tokenizer)
+        self.task = build_task(cfg, self.world)  # reads (rank 0: prepares) the data
+        self.cfg = self.task.resolve(cfg, self.world.world_size)  # the final config: every phase reads this one
         self.run_dir = Path(self.cfg.train.run_dir)
         self.batch = batch_layout(self.cfg, self.mesh.dp)
         self.engine = self._build_engine()
-        self.objective = build_objective(self.cfg, self.tokenizer)  # next-token or masked: inputs and labels
-        self.state, self.rng, self.loader = TrainState(), RNGState(), self._build_loader()
-        self.val = validation_sequences(self.sources, self.cfg.data.eval_sequences, self.loader.spool)
-        self.checkpointer = self._build_checkpointer()
+        self.state, self.rng, self.loader = TrainState(), RNGState(), self.task.loader(self.batch, self.mesh)
+        self.checkpointer = Checkpointer(self.run_dir, self.engine, self.mesh, self.cfg, self.task.tokenizer,
+                                         shared={"train": self.state, "data": self.loader}, per_rank={"rng": self.rng})
         self._resume()
 
-        d, t = self.cfg.data, self.cfg.train
-        self.tokens_per_step = t.global_batch * d.seq_len
-        self.flops_per_token = flops_per_token(self.cfg.model, d.seq_len)
+        t = self.cfg.train
+        self.flops_per_token = flops_per_token(self.cfg.model, self.cfg.classify.max_len if t.task == "classify"
+                                               else self.cfg.data.seq_len)
         self.peak_tflops = peak_tflops(device_name(self.world.device), t.precision, t.peak_tflops)
         self.sink = MetricsSink(self.cfg, self.run_dir, enabled=self.world.is_main)
         self.profiler = StepProfiler(t.profile, self.world.rank, self.run_dir, self.world.device)
@@ -105,28 +126,8 @@ class Trainer:
         self.interval_data_hash = 0  # which sequences were trained on since the last log (any layout)
         self.interval_data_wait_s = 0.0
         self.interval_started = time.perf_counter()
-        self.interval_counts = torch.zeros(1 + len(self.sources), dtype=torch.int64)  # bad shards, tokens per source
-
-    # ------------------------------------------------------------------------------ set-up
-
-    @staticmethod
-    def start_world(cfg: Config):
-        """Join the launch's processes and lay them out as the 3D mesh (``megalm eval`` starts the same way)."""
-        validate(cfg, launched_world_size())  # layout errors surface before any process group starts
-        world = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
-        mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank)
-        if world.is_main:
-            log.info(mesh.describe())
-        return world, mesh
-
-    def _prepare_data(self, cfg: Config) -> tuple[Config, list[TrainSource]]:
-        """Rank 0 prepares ``data.dir`` if it holds no prepared data yet; every rank then opens the
-        sources (one, or ``data.mix``), and the model takes their vocabulary."""
-        if self.world.is_main and not cfg.data.mix:
-            ensure_prepared(cfg.data)
-        dist.barrier()
-        sources = open_sources(cfg.data, cfg.train.global_batch)
-        return resolve_model_config(cfg, sources[0].manifest.vocab_size), sources
+        # bad shards, tokens per source
+        self.interval_counts = torch.zeros(1 + len(self.task.source_names), dtype=torch.int64)
 
     def _lock_run_dir(self, cfg: Config) -> RunLock | None:
         """Rank 0 holds the run dir for this run (a second run on it is refused), until the process ends."""
@@ -143,19 +144,10 @@ class Trainer:
         engine = build_engine(self.cfg, build_model(self.cfg, self.mesh), self.mesh)
         m = self.cfg.model
         if self.world.is_main:
-            log.info("model: %s (%s style), %.2fM parameters, %d layers x %d wide, vocab %d, seq %d", m.name,
-                     m.style, parameter_count(m) / 1e6, m.n_layers, m.d_model, m.vocab_size, self.cfg.data.seq_len)
+            log.info("model: %s (%s style), %.2fM parameters, %d layers x %d wide, vocab %d%s; %s", m.name,
+                     m.style, parameter_count(m) / 1e6, m.n_layers, m.d_model, m.vocab_size,
+                     f", classifier of {len(m.labels)} labels" if m.labels else "", self.task.describe())
         return engine
-
-    def _build_loader(self) -> TrainLoader:
-        d = self.cfg.data
-        return TrainLoader(self.sources, self.batch, self.mesh.dp_rank, self.objective, num_workers=d.num_workers,
-                           on_bad_shard=d.on_bad_shard, spool_dir=d.cache_dir)
-
-    def _build_checkpointer(self) -> Checkpointer:
-        """The engine and every stateful part, by name: what a checkpoint holds."""
-        return Checkpointer(self.run_dir, self.engine, self.mesh, self.cfg, self.tokenizer,
-                            shared={"train": self.state, "data": self.loader}, per_rank={"rng": self.rng})
 
     def _resume(self) -> None:
         """Resume; only then record this run's config and tokenizer (a refused resume changes nothing)."""
@@ -163,7 +155,7 @@ class Trainer:
         if self.world.is_main:
             drop_metrics_after(self.run_dir, self.state.step)  # rows of steps the checkpoint lacks are redone
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-            shutil.copyfile(self.tokenizer, self.run_dir / "tokenizer.json")
+            shutil.copyfile(self.task.tokenizer, self.run_dir / "tokenizer.json")
 
     # ------------------------------------------------------------------------------ phases
 
@@ -178,18 +170,18 @@ class Trainer:
             step = next(self.loader)
         self.interval_data_wait_s += time.perf_counter() - waited
         self.watchdog.progress(self.state.step, "forward-backward")
-        self._account(step)
+        scale = self._account(step)
         own_grad_norm = None
         if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
             self.checkpointer.before_step()
             with self.timer.phase("pipeline"):  # forward, backward and optimizer interleave in the 1F1B schedule
-                loss = self.engine.train_batch(iter(step.micro_batches))
+                loss = self.engine.train_batch(iter([(x, (y, scale)) for x, y in step.micro_batches]))
             self.interval_losses.append(loss.detach().float())
         else:
+            device = self.world.device
             for inputs, labels in step.micro_batches:
-                device = self.world.device
                 with self.timer.phase("forward"):
-                    loss = self.engine(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+                    loss = self.engine(inputs.to(device, non_blocking=True), (to_device(labels, device), scale))
                 with self.timer.phase("backward"):
                     self.engine.backward(loss)
                 if self.engine.is_gradient_accumulation_boundary():
@@ -201,21 +193,22 @@ class Trainer:
                 self.interval_losses.append(loss.detach().float())
                 self.watchdog.progress(self.state.step, "forward-backward")
         self.state.step += 1
-        self.state.tokens += self.tokens_per_step
-        self.throughput.add(self.tokens_per_step)
         return own_grad_norm
 
-    def _account(self, step: Step) -> None:
-        """Weigh this step's loss by the labels that count in the whole global batch (see
-        LossFunction), and note what was read: which sequences, from which source, bad shards."""
-        counted = torch.tensor([step.loss_tokens], dtype=torch.float32, device=self.world.device)
-        dist.all_reduce(counted, group=self.mesh.dp_group)
-        loss_fn = self.engine.module.loss_fn  # Transformer and PipelineModule both hold it
-        loss_fn.reduction = "sum"
-        loss_fn.scale = self.mesh.dp * self.batch.grad_accum / counted.clamp(min=1)
+    def _account(self, step: Step) -> torch.Tensor:
+        """The loss scale of this step's micro-batches: with it, the loss functions' scaled sums make
+        DeepSpeed's mean over micro-batches and ranks the exact mean over the labels that count in
+        the whole global batch (see LossFunction). Also notes what was read: the tokens, which
+        sequences, from which source, bad shards."""
+        counts = torch.tensor([step.loss_tokens, step.tokens], dtype=torch.float64, device=self.world.device)
+        dist.all_reduce(counts, group=self.mesh.dp_group)
+        counted, tokens = counts.tolist()
+        self.state.tokens += int(tokens)
+        self.throughput.add(int(tokens))
         if self.mesh.tp_rank == 0 and self.mesh.pp_rank == 0:  # each sequence counted once
             self.interval_data_hash += data_hash([step.sequences])
             self.interval_counts += torch.tensor([len(step.bad_shards), *step.tokens_by_source])
+        return torch.tensor(self.mesh.dp * self.batch.grad_accum / max(counted, 1.0), dtype=torch.float32)
 
     def log_step(self, lr: float, own_grad_norm: float | None, step_time_s: float, bar: ProgressBar) -> None:
         """Collective: the mean loss since the last log, over every rank, and the step's numbers."""
@@ -226,8 +219,8 @@ class Trainer:
         dist.all_reduce(data_wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait holds everyone up
         batch_hash, bad_shards, *by_source = sums.tolist()
         self.state.bad_shards += bad_shards
-        for source, n in zip(self.sources, by_source):
-            self.state.tokens_by_source[source.name] = self.state.tokens_by_source.get(source.name, 0) + n
+        for name, n in zip(self.task.source_names, by_source):
+            self.state.tokens_by_source[name] = self.state.tokens_by_source.get(name, 0) + n
         interval_s = time.perf_counter() - self.interval_started
         self.interval_losses.clear()
         self.interval_data_hash, self.interval_data_wait_s, self.interval_started = 0, 0.0, time.perf_counter()
@@ -245,20 +238,18 @@ class Trainer:
             "mem_base_gb": self.mem_base_gb, "data_hash": batch_hash, "data_wait_s": data_wait.item(),
             "data_wait_fraction": data_wait.item() / interval_s, "bad_shards": self.state.bad_shards,
             "tokens_by_source": dict(self.state.tokens_by_source),
-            "step_breakdown_s": dict(self.timer.seconds),
+            "step_breakdown_s": dict(self.timer.seconds), **self.task.log_fields(),
         })
         bar.update(self.state.step, loss, lr, tokens_per_s, mfu(tflops, self.peak_tflops))
 
-    def evaluate(self) -> float:
-        """Collective: validation loss (and for masked LM the masked-token accuracy), written to the metrics."""
+    def evaluate(self) -> dict:
+        """Collective: the task's scores on its held-out data; their ``val_*`` numbers go to the metrics."""
         self.watchdog.progress(self.state.step, "evaluation")
-        masked = self.objective.masked
-        val = score(self.engine, self.val, self.mesh, self.cfg.train.micro_batch_size, self.world.device,
-                    self.objective, accuracy=masked)
-        self.sink.write({"step": self.state.step, "tokens": self.state.tokens, "val_loss": val.loss,
-                         "val_ppl": math.exp(val.loss), **({"val_accuracy": val.accuracy} if masked else {})})
+        scores = self.task.evaluate(self.engine, self.mesh, self.world.device)
+        self.sink.write({"step": self.state.step, "tokens": self.state.tokens,
+                         **{k: v for k, v in scores.items() if k.startswith("val_")}})
         self.throughput.rate()  # evaluation time is not training throughput
-        return val.loss
+        return scores
 
     def save(self) -> Path:
         """Collective: a checkpoint of the engine and every stateful part."""
@@ -278,25 +269,25 @@ class Trainer:
         t = self.cfg.train
         if self.world.is_main:
             b = self.batch
-            log.info("train: %d steps of %d tokens (global batch %d = %d ranks x %d micro-batches of %d%s, seq %d), "
-                     "from step %d", t.steps, self.tokens_per_step, b.global_batch, b.dp, b.grad_accum,
-                     b.micro_batch_size, f", {b.padding} padding" if b.padding else "", self.cfg.data.seq_len,
-                     self.state.step)
+            log.info("train: %s, %d steps of %d sequences (%d ranks x %d micro-batches of %d%s), from step %d",
+                     t.task, t.steps, b.global_batch, b.dp, b.grad_accum, b.micro_batch_size,
+                     f", {b.padding} padding" if b.padding else "", self.state.step)
         self.watchdog.arm()
         end = run_steps(self, min(t.steps, t.stop_at or t.steps), self.profiler)
         self.watchdog.progress(self.state.step, "save")
         self.checkpointer.wait()  # the last checkpoint is complete before the run reports it
-        val_loss = end.evaluated
-        if val_loss is None and not end.stopped:  # e.g. resumed a finished run: report where the model stands
+        scores = end.evaluated
+        if scores is None and not end.stopped:  # e.g. resumed a finished run: report where the model stands
             log.info("train: no evaluation ran since step %d was reached; evaluating now", self.state.step)
-            val_loss = self.evaluate()
+            scores = self.evaluate()
         self.sink.close()
         if self.world.is_main:
+            if scores is not None and self.state.step >= t.steps:
+                self.task.finish(self.run_dir, scores, self.state.step)
             plot_loss(self.run_dir)
         self.watchdog.close()  # the last collective: after it every rank has nothing left to do but exit
-        return Summary(self.run_dir, self.state.step, self.state.tokens, val_loss,
-                       math.nan if val_loss is None else math.exp(val_loss), time.time() - self.t_start,
-                       end.checkpoint, self.manifest.unigram_entropy_nats, end.stopped)
+        return Summary(self.run_dir, self.state.step, self.state.tokens, scores, time.time() - self.t_start,
+                       end.checkpoint, self.task.unigram_entropy_nats, end.stopped)
 
 
 def train(cfg: Config) -> Summary:

@@ -1,11 +1,12 @@
-"""Labelled texts for classification: reading ``{text, label}`` jsonl, tokenizing, and the training
-set's global batches in a seeded, resumable order.
+"""Labelled texts for classification (``train.task=classify``): reading ``{text, label}`` jsonl,
+tokenizing, and the training set's global batches in a seeded, resumable order.
 
-A text becomes at most ``max_len`` token ids, right-padded with ``PAD`` (-1, never a token id); the
-classifier reads where each text ends off the ids. The training order is a fresh permutation of the
-set per epoch, drawn from the seed, and the loader's whole state is how many examples it has handed
-out: after a resume the next global batch is the one an uninterrupted run takes, whatever the
-number of data-parallel ranks (the global batch is the invariant, as in pretraining).
+A text becomes at most ``max_len`` token ids, right-padded with ``PAD`` (never a token id). Its
+target is (label index, position of the hidden state the classifier reads: megalm.model.classifier).
+The training order is a fresh permutation of the set per epoch, drawn from the seed, and the
+loader's whole state is how many examples it has handed out: after a resume the next global batch
+is the one an uninterrupted run takes, whatever the number of data-parallel ranks (the global batch
+is the invariant, as in pretraining).
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ import torch
 import xxhash
 from tokenizers import Tokenizer
 
+from megalm.common import IGNORE, PAD
 from megalm.config import BatchLayout
-from megalm.data.loader import check_identity
+from megalm.data.loader import Step, check_identity
 from megalm.errors import DataError
-from megalm.parallel.tensor_parallel import IGNORE
-
-PAD = -1  # token id of the padding after a text's end
 
 
 @dataclass(frozen=True)
-class Record:
+class LabelledText:
     text: str
     label: str | None  # None: unlabelled (prediction input)
     path: Path
@@ -39,7 +38,7 @@ class Record:
         return f"{self.path}:{self.line}"
 
 
-def read_records(path: str | Path, need_label: bool = True) -> list[Record]:
+def read_records(path: str | Path, need_label: bool = True) -> list[LabelledText]:
     """The records of a jsonl file; a bad line is a DataError naming the file and line."""
     path = Path(path)
     if not path.is_file():
@@ -57,7 +56,7 @@ def read_records(path: str | Path, need_label: bool = True) -> list[Record]:
     return records
 
 
-def _record(line: str, path: Path, number: int, need_label: bool) -> Record:
+def _record(line: str, path: Path, number: int, need_label: bool) -> LabelledText:
     where = f"{path}:{number}"
     try:
         row = json.loads(line)
@@ -72,7 +71,7 @@ def _record(line: str, path: Path, number: int, need_label: bool) -> Record:
         raise DataError(f"{where}: no label (expected a field \"label\")")
     if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
         raise DataError(f"{where}: label {label!r} is neither a string nor an integer")
-    return Record(text, None if label is None else str(label), path, number)
+    return LabelledText(text, None if label is None else str(label), path, number)
 
 
 def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> torch.Tensor:
@@ -85,9 +84,21 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> torch.Tensor
     return out
 
 
-def trim(ids: torch.Tensor) -> torch.Tensor:
-    """Drop the trailing columns that are padding in every row (less work, the same result)."""
-    return ids[:, :max(1, int((ids != PAD).sum(1).max()))]
+def trim(ids: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """Drop the trailing columns that are padding in every row (less work, the same result), keeping
+    a multiple of ``multiple`` columns (sequence parallelism splits them over tensor ranks)."""
+    length = max(1, int((ids != PAD).sum(1).max()))
+    length = -(-length // multiple) * multiple
+    if length > ids.shape[1]:
+        return torch.cat([ids, torch.full((len(ids), length - ids.shape[1]), PAD, dtype=ids.dtype)], dim=1)
+    return ids[:, :length]
+
+
+def targets(ids: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, 2) rows of (label index, the position the classifier reads): the last real token of a
+    causal model, the first of a masked one."""
+    positions = ((ids != PAD).sum(1) - 1).clamp(min=0) if causal else torch.zeros_like(labels)
+    return torch.stack([labels, positions], dim=1)
 
 
 @dataclass
@@ -102,7 +113,7 @@ class LabelledSet:
         return xxhash.xxh3_64_hexdigest(self.ids.numpy().tobytes() + self.labels.numpy().tobytes())
 
 
-def labelled_set(records: list[Record], tok: Tokenizer, labels: list[str], max_len: int) -> LabelledSet:
+def labelled_set(records: list[LabelledText], tok: Tokenizer, labels: list[str], max_len: int) -> LabelledSet:
     index = {label: i for i, label in enumerate(labels)}
     unknown = next((r for r in records if r.label not in index), None)
     if unknown is not None:
@@ -113,10 +124,14 @@ def labelled_set(records: list[Record], tok: Tokenizer, labels: list[str], max_l
 
 
 class ClassifyLoader:
-    """This rank's micro-batches of each global batch of the training set (stateful: the position)."""
+    """This rank's micro-batches of each global batch of the training set (stateful: the position).
+    Each micro-batch is as long as its longest text, rounded up to a multiple of ``multiple``
+    (sequence parallelism splits the columns over tensor ranks)."""
 
-    def __init__(self, data: LabelledSet, layout: BatchLayout, dp_rank: int, seed: int):
+    def __init__(self, data: LabelledSet, layout: BatchLayout, dp_rank: int, seed: int, *, causal: bool,
+                 multiple: int = 1):
         self.data, self.layout, self.dp_rank, self.seed = data, layout, dp_rank, seed
+        self.causal, self.multiple = causal, multiple
         self.position = 0  # examples handed out so far, over all ranks and epochs
         self._epoch, self._order = -1, np.zeros(0, np.int64)
 
@@ -124,19 +139,25 @@ class ClassifyLoader:
     def epoch(self) -> float:
         return self.position / len(self.data)
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(ids, labels) micro-batches: this rank's rows of the next global batch, then rows that
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Step:
+        """This rank's rows of the next global batch as (ids, target) micro-batches, then rows that
         carry no loss (label IGNORE) where the data-parallel ranks do not split it evenly."""
         picked = self._next_global_batch()
         rows = self.layout.rows(self.dp_rank)
         mine = picked[rows.start:rows.stop]
         ids, labels = self.data.ids[mine], self.data.labels[mine]
-        fill = self.layout.micro_batch_size * self.layout.grad_accum - len(mine)
+        real = len(ids)
+        fill = self.layout.micro_batch_size * self.layout.grad_accum - real
         if fill:
             ids = torch.cat([ids, self.data.ids[:1].expand(fill, -1)])
             labels = torch.cat([labels, torch.full((fill,), IGNORE, dtype=labels.dtype)])
         size = self.layout.micro_batch_size
-        return [(trim(i), y) for i, y in zip(ids.split(size), labels.split(size))]
+        batches = [(trim(i, self.multiple), y) for i, y in zip(ids.split(size), labels.split(size))]
+        return Step([(i, targets(i, y, self.causal)) for i, y in batches], ids[:real], loss_tokens=real,
+                    tokens=int((ids[:real] != PAD).sum()), tokens_by_source=[], bad_shards=[])
 
     def _next_global_batch(self) -> torch.Tensor:
         """The next ``global_batch`` example indices of the epochs' permutations, one after another."""

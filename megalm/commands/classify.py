@@ -6,34 +6,43 @@
 accuracy goes to stderr, so stdout stays one prediction per line.
 """
 
-from __future__ import annotations
-
 import json
 import sys
-
-import torch
-
-from megalm.checkpoint.store import TOKENIZER
-from megalm.data.tokenizer import load_tokenizer
-from megalm.errors import ConfigError
-from megalm.finetune.classifier import class_log_probs, load_classifier
-from megalm.finetune.labelled import encode_texts, read_records
-from megalm.parallel.distributed import pick_device
 
 BATCH = 64  # texts per forward pass
 
 
-def main(args) -> int:
+def add(sub) -> None:
+    sp = sub.add_parser("classify", help="predict labels with a fine-tuned classifier (megalm finetune --task classify)")
+    sp.add_argument("run_dir", help="the fine-tuning run dir (or one of its checkpoints)")
+    sp.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    sp.add_argument("--input", help="a .jsonl file of {text} records; predictions go to stdout as jsonl")
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from megalm.checkpoint.meta import CheckpointMeta
+    from megalm.checkpoint.store import TOKENIZER
+    from megalm.data.labelled import encode_texts, read_records
+    from megalm.data.tokenizer import load_tokenizer
+    from megalm.errors import UsageError
+    from megalm.parallel.distributed import pick_device
+    from megalm.sampling import class_log_probs, load_model
+
     if not args.text and not args.input:
-        raise ConfigError("megalm classify: give --text TEXT (repeatable) or --input FILE.jsonl")
+        raise UsageError("megalm classify: give --text TEXT (repeatable) or --input FILE.jsonl")
     if any(not text.strip() for text in args.text or []):
-        raise ConfigError("megalm classify: --text is empty; give some text to classify")
+        raise UsageError("megalm classify: --text is empty; give some text to classify")
     device = pick_device(args.device, option="--device")
-    model, finetune, ckpt = load_classifier(args.run_dir, device)
-    tok, labels = load_tokenizer(ckpt / TOKENIZER), finetune.labels
+    model, ckpt = load_model(args.run_dir, device, classifier=True)
+    tok, labels = load_tokenizer(ckpt / TOKENIZER), model.cfg.labels
+    max_len = CheckpointMeta.read(ckpt).config.get("classify", {}).get("max_len") or model.cfg.max_seq_len
 
     def probs(texts: list[str]) -> torch.Tensor:
-        return class_log_probs(model, encode_texts(tok, texts, finetune.max_len), BATCH, device).exp()
+        return class_log_probs(model, encode_texts(tok, texts, max_len), BATCH, device).exp()
 
     for text, p in zip(args.text or [], probs(args.text) if args.text else []):
         best = int(p.argmax())

@@ -1,5 +1,5 @@
-"""``megalm eval``: a checkpoint's loss, perplexity and bits per byte on a prepared directory's
-held-out split, on any parallel layout.
+"""What ``megalm eval CKPT --data DIR`` does: a checkpoint's loss, perplexity and bits per byte on a
+prepared directory's held-out split, on any parallel layout.
 
 The checkpoint brings its model config and tokenizer (``run_config``); the data must have been
 prepared with that tokenizer. The world, engine and weights are set up as training sets them up
@@ -19,30 +19,28 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from megalm.checkpoint import catalog
-from megalm.checkpoint.store import Checkpointer, run_config
-from megalm.config import Config
+from megalm.checkpoint.store import Checkpointer
+from megalm.common import IGNORE
+from megalm.config import Config, resolve
 from megalm.data.dataset import TrainSource, open_sources
 from megalm.data.loader import VAL_TOKEN_CAP, validation_sequences
 from megalm.data.tokenizer import load_tokenizer, token_byte_lengths
 from megalm.errors import DataError, MegalmError, UsageError
 from megalm.observe.metrics import finite, metrics_line
-from megalm.parallel.tensor_parallel import IGNORE
-from megalm.train.engine import build_engine, build_model, resolve_model_config
+from megalm.train.engine import build_engine, build_model
 from megalm.train.evaluate import score
 from megalm.train.objective import EVAL_STEP, build_objective
-from megalm.train.trainer import Trainer
+from megalm.train.trainer import start_world
 
 log = logging.getLogger("megalm")
 
@@ -68,25 +66,12 @@ class Result:
                 "bpb": bits * self.tokens / self.bytes if self.bytes else None}
 
 
-def main(args) -> int:
-    ckpt, _ = catalog.resolve_verified(args.ckpt)  # before the world starts: a damaged one fails in seconds
-    cfg = run_config(ckpt, args.data, args.overrides)
-    if int(os.environ.get("RANK", "0")) == 0:  # the rank that records: before any scoring, not after it
-        check_writable(ckpt, args.json)
-    capped = any(o.startswith("data.eval_sequences=") for o in args.overrides)
-    result = evaluate_checkpoint(ckpt, cfg, capped).numbers()
-    if dist.get_rank() == 0:
-        print(table(result))
-        record(result, ckpt, args.json)
-    return 0
-
-
 def evaluate_checkpoint(ckpt: Path, cfg: Config, capped: bool) -> Result:
     """Collective: score ``ckpt`` on the validation split of ``data.dir``, all of it (at most
     VAL_TOKEN_CAP tokens) unless ``capped`` to ``data.eval_sequences``."""
-    world, mesh = Trainer.start_world(cfg)
+    world, mesh = start_world(cfg)
     sources = open_sources(cfg.data, cfg.train.global_batch)
-    cfg = resolve_model_config(cfg, sources[0].manifest.vocab_size)  # checks the vocabulary covers the data's
+    cfg = resolve(cfg, world.world_size, tokenizer_vocab=sources[0].manifest.vocab_size)  # covers the data's?
     tokenizer = sources[0].location.local_file(sources[0].manifest.tokenizer)
     engine = build_engine(cfg, build_model(cfg, mesh), mesh)
     checkpointer = Checkpointer(ckpt.parent, engine, mesh, cfg, tokenizer, shared={}, per_rank={})  # never saves

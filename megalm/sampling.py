@@ -1,4 +1,6 @@
-"""``megalm generate``: sample text from a checkpoint with temperature, top-k and top-p.
+"""Inference on one process: a checkpoint's model loaded (verified first), text sampled from a
+language model with temperature, top-k and top-p (``megalm generate``), class probabilities from a
+classifier (``megalm classify``).
 
 The checkpoint carries its resolved config (meta.json) and its tokenizer, so the model is rebuilt
 exactly, whatever layout saved it.
@@ -15,24 +17,44 @@ import torch
 from megalm.checkpoint import catalog
 from megalm.checkpoint.shards import CheckpointReader
 from megalm.config import ModelConfig, from_dict
+from megalm.data.labelled import targets, trim
 from megalm.data.tokenizer import eot_id, load_tokenizer
 from megalm.errors import CheckpointError, UsageError
+from megalm.model.classifier import pooled
 from megalm.model.transformer import Transformer
 from megalm.parallel.distributed import pick_device
 
 log = logging.getLogger("megalm")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Path]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", *,
+               classifier: bool = False) -> tuple[Transformer, Path]:
     """The model of a run dir's latest checkpoint (or of one checkpoint dir), in eval mode; every
-    file of the checkpoint is checked first (sizes and checksums)."""
+    file of the checkpoint is checked first (sizes and checksums). A language model, or with
+    ``classifier`` a classifier (a model with labels): the other kind is refused, saying what to use."""
     ckpt, meta = catalog.resolve_verified(path)
-    if meta.config.get("finetune", {}).get("task", "none") != "none":
-        raise CheckpointError(f"{ckpt}: a fine-tuned {meta.config['finetune']['task']} model, not a language model; "
-                              f"use `megalm classify {ckpt.parent.parent}`")
-    model = Transformer(from_dict(ModelConfig, meta.config["model"], "model"))
+    cfg = from_dict(ModelConfig, meta.config["model"], "model")
+    if cfg.labels and not classifier:
+        raise CheckpointError(f"{ckpt}: a classifier of {cfg.labels}, not a language model; use "
+                              f"`megalm classify {ckpt.parent.parent}`")
+    if classifier and not cfg.labels:
+        raise CheckpointError(f"{ckpt}: a language model, not a classifier; fine-tune one with "
+                              f"megalm finetune CKPT --task classify --train FILE --eval FILE")
+    model = Transformer(cfg)
     model.load_state_dict(CheckpointReader(ckpt, meta).model_state())
     return model.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def class_log_probs(model: Transformer, ids: torch.Tensor, batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """A classifier's class log-probabilities (N, labels) of right-padded ``ids``, ``batch_size`` rows
+    per forward pass."""
+    causal, out = model.cfg.objective == "causal", []
+    for chunk in ids.split(batch_size):
+        chunk = trim(chunk).to(device)
+        rows = targets(chunk, torch.zeros(len(chunk), dtype=torch.int64, device=device), causal)
+        out.append(torch.log_softmax(pooled(model(chunk), rows[:, 1]).float(), dim=-1).cpu())
+    return torch.cat(out)
 
 
 def tokenizer_for(ckpt: Path):

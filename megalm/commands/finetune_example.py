@@ -66,7 +66,19 @@ def build_example(out_dir: str | Path, *, classes: dict[str, list[str]] = CLASSE
     return counts
 
 
-def main(args) -> int:
+def add(sub) -> None:
+    sp = sub.add_parser("finetune-example", help="write train.jsonl and eval.jsonl for --task classify: chunks of "
+                                                 "standard-library sources labelled by package (email, asyncio, "
+                                                 "multiprocessing), evaluation files unseen in training")
+    sp.add_argument("out_dir")
+    sp.add_argument("--min-chars", type=int, default=400, help="shortest chunk (whole lines)")
+    sp.add_argument("--max-chars", type=int, default=800, help="longest chunk")
+    sp.add_argument("--max-per-class", type=int, default=0,
+                    help="at most this many training chunks per label, a quarter as many for evaluation (0: all)")
+    sp.set_defaults(func=run)
+
+
+def run(args) -> int:
     counts = build_example(args.out_dir, min_chars=args.min_chars, max_chars=args.max_chars,
                            max_per_class=args.max_per_class)
     out = Path(args.out_dir)
@@ -74,5 +86,5 @@ def main(args) -> int:
         print(f"{out / split}.jsonl: {sum(by_label.values())} records ("
               + ", ".join(f"{label} {n}" for label, n in by_label.items()) + ")")
     print(f"fine-tune: megalm finetune runs/quickstart --task classify --train {out / 'train.jsonl'} "
-          f"--eval {out / 'eval.jsonl'} train.run_dir=runs/classify")
+          f"--eval {out / 'eval.jsonl'}")
     return 0
