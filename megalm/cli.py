@@ -3,11 +3,17 @@ config, quickstart, generate, eval, ckpt, finetune, classify, finetune-example, 
 slurm). This module builds the parser from them, sets up logging, and ends every command the same
 way: an error a user can fix is one line (``megalm: error: ...``, with the rank under a launcher)
 and its exit code (megalm/errors.py), never a traceback.
+
+A command that returns leaves the process without the interpreter's teardown: once every exit
+handler has run (checkpoint writers joined, the run lock released, logs flushed), freeing the
+thousands of objects torch and its compiler stack import takes ~1 s on a CPU, per process, for
+nothing (``_leave``).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -51,5 +57,27 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(e)
 
 
+_returned: int | None = None  # the exit code of a command that returned (not one that raised)
+
+
+def _leave() -> None:
+    """Registered before anything else, so it runs after every other exit handler."""
+    if _returned is not None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_returned)
+
+
+atexit.register(_leave)
+
+
+def entry() -> None:
+    """The ``megalm`` console script (and ``python -m megalm.cli``)."""
+    global _returned
+    _returned = int(main() or 0)
+    sys.exit(_returned)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -7,6 +7,16 @@ import pytest
 from tests.helpers import CONFIG, DENY_SCRIPT, TINY, Watched, make_corpus, run_megalm
 
 
+# The files that take longest, started first so that neither of the two workers (pyproject.toml's
+# addopts) is left with a long file at the end; the rest keep their order.
+LONGEST_FIRST = ["test_slurm.py", "test_checkpoint.py", "test_train.py", "test_parallel.py", "test_failures.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_commands():
     """A test that fails half way leaves no background run eating the CPU of the next ones."""

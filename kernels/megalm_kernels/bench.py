@@ -246,11 +246,10 @@ COLUMNS = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("impl", "impl"),
 
 def plot(rows, path, meta):
     """Attention TFLOP/s against sequence length; norm GB/s against hidden size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    fig = Figure(figsize=(14, 5))
+    axes = fig.subplots(1, 2)
     panels = [(axes[0], "attention", "seq", "TFLOP/s", meta["ceilings"]["matmul_bf16_tflops"]),
               (axes[1], None, "hidden", "GB/s", meta["ceilings"]["copy_gbps"])]
     for ax, op, x_key, unit, ceiling in panels:
@@ -277,7 +276,6 @@ def plot(rows, path, meta):
                  f"{meta['git_commit'][:12]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

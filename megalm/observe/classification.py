@@ -51,14 +51,12 @@ def report(labels: list[str], truth, predicted, majority: int) -> dict:
 def plot_confusion(scores: dict, out: Path, title: str = "") -> Path:
     """The confusion matrix of ``report`` as a PNG: counts in the cells, true labels down the side,
     predicted ones along the bottom."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: see megalm/observe/plot.py
 
     counts, labels = np.array(scores["confusion"]), scores["labels"]
     side = 2.5 + 0.6 * len(labels)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.subplots()
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     ticks = range(len(labels))
@@ -73,5 +71,4 @@ def plot_confusion(scores: dict, out: Path, title: str = "") -> Path:
                           f"{scores['majority_baseline']['accuracy']:.3f})")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

@@ -19,13 +19,10 @@ LABELS = {"loss": "cross-entropy (nats/token)", "tokens_per_s": "tokens/s", "tfl
 def plot_runs(run_dirs: list[Path], metrics: list[str], out: Path, title: str = "") -> Path | None:
     """One panel per metric that any run logged; the loss panel also shows validation loss. Returns
     the PNG written, or None when no run logged any of ``metrics``."""
-    import matplotlib.pyplot as plt
-
     fig = figure({Path(d): read_metrics(Path(d)) for d in run_dirs}, metrics, title)
     if fig is None:
         return None
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 
@@ -53,13 +50,13 @@ def figure(runs: dict[Path, list[dict]], metrics: list[str], title: str = ""):
 
 
 def _panels(count: int, sharex: bool = False):
-    """A figure of ``count`` panels stacked, in the style of every megalm figure; (figure, axes)."""
-    import matplotlib
+    """A figure of ``count`` panels stacked, in the style of every megalm figure; (figure, axes).
+    A bare ``Figure``, not pyplot's: no global state to close, and no GUI backend to import (half a
+    second at the end of every run)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(count, 1, figsize=(7, 3.2 * count), squeeze=False, sharex=sharex)
+    fig = Figure(figsize=(7, 3.2 * count))
+    axes = fig.subplots(count, 1, squeeze=False, sharex=sharex)
     return fig, list(axes[:, 0])
 
 
@@ -88,11 +85,7 @@ def plot_bench(results: Path, out: Path | None = None) -> Path:
 
 def save_bench(rows: list[dict], out: Path, meta: dict) -> None:
     """Draw ``megalm bench train`` rows to ``out`` (the ``plot`` hook of write_results)."""
-    import matplotlib.pyplot as plt
-
-    fig = train_bench_figure(rows, meta)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    train_bench_figure(rows, meta).savefig(out, dpi=120)
 
 
 def _bench_title(meta: dict) -> str:
