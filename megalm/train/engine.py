@@ -1,7 +1,7 @@
 """Building the model on its process mesh and handing it to the DeepSpeed engine.
 
 DeepSpeed owns the optimizer (AdamW), ZeRO sharding over the data-parallel group, bf16, gradient
-accumulation and clipping. With pp = 1 the model is a ``Transformer`` on the standard engine, with
+accumulation and clipping (on its plain fp32 path, the step guard clips: guard.py). With pp = 1 the model is a ``Transformer`` on the standard engine, with
 the mesh as DeepSpeed's ``mpu`` so ZeRO shards over data-parallel ranks only; with pp > 1 it is a
 ``PipelineModule`` on DeepSpeed's ``PipelineEngine`` (1F1B schedule).
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -19,6 +17,7 @@ from megalm.config import Config, batch_layout
 from megalm.model.layers import Block
 from megalm.model.transformer import Transformer, pipeline_module
 from megalm.parallel.mesh import Mesh
+from megalm.train.guard import guard_plain_optimizer, plain_fp32
 from megalm.train.schedule import lr_multiplier
 
 log = logging.getLogger("megalm")
@@ -61,7 +60,8 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "train_micro_batch_size_per_gpu": batch.micro_batch_size,
         "gradient_accumulation_steps": batch.grad_accum,
         "train_batch_size": batch.micro_batch_size * batch.grad_accum * dp_size,
-        "gradient_clipping": t.grad_clip,
+        # the plain fp32 path's clipping is done by the step guard, which skips non-finite steps (guard.py)
+        "gradient_clipping": 0.0 if plain_fp32(t.zero_stage, t.precision) else t.grad_clip,
         "optimizer": {
             "type": "AdamW",
             # torch's AdamW: DeepSpeed's FusedAdam is a CUDA op that needs compiling at first use.
@@ -69,7 +69,8 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
                        "weight_decay": t.weight_decay, "torch_adam": True, "adam_w_mode": True},
         },
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # with ZeRO 1-2, DeepSpeed skips a bf16 step with a non-finite gradient norm only when asked
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         # Between pipeline stages DeepSpeed sends each tensor rank 1/tp of an activation it assumes is
         # replicated, and all-gathers it on arrival. With sequence parallelism the activations are
         # already different shards per tensor rank, so they must travel whole.
@@ -83,30 +84,20 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
 def build_engine(cfg: Config, model: nn.Module, mesh: Mesh):
     import deepspeed
 
+    def scheduler(optimizer):  # DeepSpeed calls it with the optimizer it built
+        if plain_fp32(cfg.train.zero_stage, cfg.train.precision):
+            guard_plain_optimizer(optimizer, model, model.mpu() if mesh.pp > 1 else mesh, cfg.train.grad_clip)
+        return LambdaLR(optimizer, lr_multiplier(cfg.train))
+
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg.train.weight_decay),
         config=deepspeed_config(cfg, mesh.dp),
         mpu=None if mesh.pp > 1 else mesh,  # a PipelineModule brings its own grid
-        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lr_multiplier(cfg.train)),
+        lr_scheduler=scheduler,
     )
     log.info("engine: DeepSpeed %s %s, ZeRO stage %d, %s, AdamW (torch)", deepspeed.__version__,
              "PipelineEngine (1F1B)" if mesh.pp > 1 else "engine", cfg.train.zero_stage, cfg.train.precision)
     return engine
 
 
-@torch.no_grad()
-def gradient_norm(engine, mesh: Mesh) -> float | None:
-    """Global gradient norm where DeepSpeed does not report one (its plain fp32 path computes it
-    for clipping but keeps it to itself); call it at the accumulation boundary, before the step.
-    Gradients are already averaged over data-parallel ranks; tensor-parallel shards are summed,
-    replicated parameters counted once."""
-    if engine.zero_optimization() or engine.bfloat16_enabled():
-        return None  # DeepSpeed's optimizer wrapper reports it after the step
-    total = torch.zeros(1, dtype=torch.float64, device=next(engine.module.parameters()).device)
-    for p in engine.module.parameters():
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or mesh.tp_rank == 0):
-            total += p.grad.double().pow(2).sum()
-    if mesh.tp > 1:
-        dist.all_reduce(total, group=mesh.tp_group)
-    return total.sqrt().item()

@@ -40,10 +40,10 @@ def run_steps(run, last: int, profiler=None) -> LoopEnd:
         logging_step = step % t.log_every == 0 or step == last
         lr = run.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
         with profiler.step(step) if profiler is not None else contextlib.nullcontext():
-            own_grad_norm = run.train_step(measure=logging_step)
+            skipped = run.train_step(measure=logging_step)
         signalled = stop.agreed(run.world.device)
-        if logging_step or signalled:
-            run.log_step(lr, own_grad_norm, time.perf_counter() - started, bar)
+        if logging_step or signalled or skipped:
+            run.log_step(lr, time.perf_counter() - started, bar)
         if step % t.eval_every == 0 or step == t.steps:
             evaluated = run.evaluate()
         if t.save and ((t.save_every and step % t.save_every == 0) or step == last or signalled):

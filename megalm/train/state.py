@@ -15,13 +15,15 @@ import torch
 
 @dataclass
 class TrainState:
-    """Where training stands: optimizer steps taken, tokens trained on (also per data source, with
-    skipped shards' holes left out), bad shards skipped."""
+    """Where training stands: optimizer steps taken (skipped ones included: their data was read),
+    tokens trained on (also per data source, with skipped shards' holes left out), bad shards
+    skipped, and the steps whose update was skipped (non-finite: guard.py)."""
 
     step: int = 0
     tokens: int = 0
     tokens_by_source: dict[str, int] = field(default_factory=dict)
     bad_shards: int = 0
+    skipped_steps: list[int] = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -30,6 +32,7 @@ class TrainState:
         self.step, self.tokens = state["step"], state["tokens"]
         # checkpoints from before these counters were kept start them at zero
         self.tokens_by_source, self.bad_shards = dict(state.get("tokens_by_source", {})), state.get("bad_shards", 0)
+        self.skipped_steps = list(state.get("skipped_steps", []))
 
 
 class RNGState:

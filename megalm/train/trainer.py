@@ -40,8 +40,10 @@ from megalm.observe.profile import StepProfiler
 from megalm.observe.timing import PhaseTimer
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
 from megalm.parallel.mesh import build_mesh
-from megalm.train.engine import build_engine, build_model, gradient_norm
+from megalm.train.engine import build_engine, build_model
 from megalm.train.evaluate import to_device
+from megalm.train.faults import Faults
+from megalm.train.guard import StepGuard
 from megalm.train.loop import run_steps
 from megalm.train.run_lock import RunLock
 from megalm.train.state import RNGState, TrainState
@@ -109,6 +111,7 @@ class Trainer:
         self.run_dir = Path(self.cfg.train.run_dir)
         self.batch = batch_layout(self.cfg, self.mesh.dp)
         self.engine = self._build_engine()
+        self.guard, self.faults = StepGuard(self.engine), Faults(self.world.rank)
         self.state, self.rng, self.loader = TrainState(), RNGState(), self.task.loader(self.batch, self.mesh)
         self.checkpointer = Checkpointer(self.run_dir, self.engine, self.mesh, self.cfg, self.task.tokenizer,
                                          shared={"train": self.state, "data": self.loader}, per_rank={"rng": self.rng})
@@ -122,7 +125,8 @@ class Trainer:
         self.profiler = StepProfiler(t.profile, self.world.rank, self.run_dir, self.world.device)
         self.timer = PhaseTimer(self.world.device)
         self.throughput = Throughput()
-        self.interval_losses: list[torch.Tensor] = []
+        self.interval_losses: list[torch.Tensor] = []  # of the steps taken (a skipped step's are dropped)
+        self.interval_skipped: list[int] = []
         self.interval_data_hash = 0  # which sequences were trained on since the last log (any layout)
         self.interval_data_wait_s = 0.0
         self.interval_started = time.perf_counter()
@@ -159,9 +163,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ phases
 
-    def train_step(self, measure: bool) -> float | None:
-        """One optimizer step over this rank's micro-batches. With ``measure`` (a logged step) the
-        phases are timed and the gradient norm is returned where DeepSpeed does not report it."""
+    def train_step(self, measure: bool) -> bool:
+        """One optimizer step over this rank's micro-batches (with ``measure``, a logged step, its
+        phases timed). Returns whether the step was skipped: a non-finite loss or gradient on some
+        rank, which leaves weights and optimizer state as they were (guard.py)."""
         self.checkpointer.check()  # a background save that failed stops training here
         self.watchdog.progress(self.state.step, "data")
         self.timer.start_step(measure)
@@ -171,7 +176,7 @@ class Trainer:
         self.interval_data_wait_s += time.perf_counter() - waited
         self.watchdog.progress(self.state.step, "forward-backward")
         scale = self._account(step)
-        own_grad_norm = None
+        losses_before = len(self.interval_losses)
         if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
             self.checkpointer.before_step()
             with self.timer.phase("pipeline"):  # forward, backward and optimizer interleave in the 1F1B schedule
@@ -185,15 +190,18 @@ class Trainer:
                 with self.timer.phase("backward"):
                     self.engine.backward(loss)
                 if self.engine.is_gradient_accumulation_boundary():
-                    if measure:
-                        own_grad_norm = gradient_norm(self.engine, self.mesh)
                     self.checkpointer.before_step()  # a save in flight must have copied the weights it changes
                 with self.timer.phase("optimizer"):
                     self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
                 self.interval_losses.append(loss.detach().float())
                 self.watchdog.progress(self.state.step, "forward-backward")
         self.state.step += 1
-        return own_grad_norm
+        skipped = self.guard.skipped()
+        if skipped:
+            del self.interval_losses[losses_before:]
+            self.interval_skipped.append(self.state.step)
+            self.state.skipped_steps.append(self.state.step)
+        return skipped
 
     def _account(self, step: Step) -> torch.Tensor:
         """The loss scale of this step's micro-batches: with it, the loss functions' scaled sums make
@@ -208,11 +216,14 @@ class Trainer:
         if self.mesh.tp_rank == 0 and self.mesh.pp_rank == 0:  # each sequence counted once
             self.interval_data_hash += data_hash([step.sequences])
             self.interval_counts += torch.tensor([len(step.bad_shards), *step.tokens_by_source])
-        return torch.tensor(self.mesh.dp * self.batch.grad_accum / max(counted, 1.0), dtype=torch.float32)
+        scale = self.mesh.dp * self.batch.grad_accum / max(counted, 1.0) * self.faults.factor(self.state.step + 1)
+        return torch.tensor(scale, dtype=torch.float32)
 
-    def log_step(self, lr: float, own_grad_norm: float | None, step_time_s: float, bar: ProgressBar) -> None:
-        """Collective: the mean loss since the last log, over every rank, and the step's numbers."""
-        loss = all_reduce_mean(torch.stack(self.interval_losses).mean().item(), self.world.device)
+    def log_step(self, lr: float, step_time_s: float, bar: ProgressBar) -> None:
+        """Collective: the mean loss since the last log (of the steps taken), over every rank, and the
+        step's numbers; a skipped step is logged at once, with its data."""
+        taken = torch.stack(self.interval_losses).mean().item() if self.interval_losses else math.nan
+        loss = all_reduce_mean(taken, self.world.device)
         sums = torch.cat([torch.tensor([self.interval_data_hash]), self.interval_counts]).to(self.world.device)
         dist.all_reduce(sums)
         data_wait = torch.tensor([self.interval_data_wait_s], device=self.world.device)
@@ -228,8 +239,11 @@ class Trainer:
         tokens_per_s = self.throughput.rate()
         tflops = self.flops_per_token * tokens_per_s / self.world.world_size / 1e12
         grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = own_grad_norm
+        skipped, self.interval_skipped = self.interval_skipped, []
+        if skipped and self.world.is_main:
+            log.warning("step %s skipped: a non-finite loss or gradient (gradient norm %s); weights, Adam moments "
+                        "and Adam's step count are unchanged; the step's data: data_hash %d",
+                        ", ".join(map(str, skipped)), grad_norm if grad_norm is None else float(grad_norm), batch_hash)
         self.sink.write({
             "step": self.state.step, "loss": loss, "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -238,7 +252,8 @@ class Trainer:
             "mem_base_gb": self.mem_base_gb, "data_hash": batch_hash, "data_wait_s": data_wait.item(),
             "data_wait_fraction": data_wait.item() / interval_s, "bad_shards": self.state.bad_shards,
             "tokens_by_source": dict(self.state.tokens_by_source),
-            "step_breakdown_s": dict(self.timer.seconds), **self.task.log_fields(),
+            "step_breakdown_s": dict(self.timer.seconds), "skipped_steps": len(self.state.skipped_steps),
+            **({"skipped": skipped} if skipped else {}), **self.task.log_fields(),
         })
         bar.update(self.state.step, loss, lr, tokens_per_s, mfu(tflops, self.peak_tflops))
 

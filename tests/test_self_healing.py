@@ -1,0 +1,63 @@
+"""Training that heals itself (issue 20), as a user meets it through ``megalm train`` with default
+settings: faults injected with ``MEGALM_FAULTS`` (megalm/train/faults.py) go through the same
+arithmetic a real fault would."""
+
+import pytest
+import torch
+
+from megalm.checkpoint.meta import CheckpointMeta
+from megalm.checkpoint.shards import CheckpointReader
+from megalm.errors import UsageError
+from megalm.train.faults import parse
+from tests.helpers import CONFIG, TINY, metrics, run_megalm, torchrun
+
+# (processes, overrides, the rank that meets the faults): every optimizer path DeepSpeed takes
+LAYOUTS = {
+    "1 process, ZeRO 0, fp32 (the plain path megalm guards itself)": (1, [], 0),
+    "1 process, ZeRO 0, bf16": (1, ["train.precision=bf16"], 0),
+    "dp=2, ZeRO 2, bf16": (2, ["train.zero_stage=2", "train.precision=bf16", "train.micro_batch_size=2"], 1),
+    "dp=2, ZeRO 3": (2, ["train.zero_stage=3", "train.micro_batch_size=2"], 0),
+    "tp=2, ZeRO 0": (2, ["parallel.tp=2", "train.grad_clip=0"], 1),
+    "pp=2, ZeRO 1": (2, ["parallel.pp=2", "train.zero_stage=1"], 1),
+}
+
+
+def saved(run_dir, step: int) -> tuple[int, dict[str, list[torch.Tensor]]]:
+    """Adam's step count and every parameter's fp32 master and moments, as checkpoint ``step`` holds them."""
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    reader = CheckpointReader(ckpt, CheckpointMeta.read(ckpt))
+    return reader.adam_step, {name: reader.local(name, None, 0, 1) for name in reader.names()}
+
+
+def test_faults_are_read_or_refused():
+    faults = parse("nan@5:rank=1, scale=1e30@7")
+    assert [(f.step, f.rank) for f in faults] == [(5, 1), (7, None)] and faults[1].factor == 1e30
+    with pytest.raises(UsageError, match="MEGALM_FAULTS: cannot read 'nan3'; expected nan@STEP, inf@STEP or"):
+        parse("nan3")
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_is_skipped_on_every_rank_and_changes_nothing(data_args, tmp_path):
+    """A NaN loss at step 3 and an infinite one at step 4, on one rank: both steps skip
+    the update on every rank, so checkpoints 2, 3 and 4 hold bit-identical weights, Adam moments
+    and Adam step count; step 5 trains again; the log and the metrics say which steps and why."""
+    for name, (nproc, overrides, rank) in LAYOUTS.items():
+        run_dir = tmp_path / name.split(" (")[0].replace(" ", "").replace(",", "_")
+        args = ["train", CONFIG, *TINY, *data_args, *overrides, f"train.run_dir={run_dir}", "train.save_every=1",
+                "train.keep_checkpoints=10", "train.eval_every=5", "train.log_every=5"]
+        faults = {"MEGALM_FAULTS": f"nan@3:rank={rank},inf@4:rank={rank}"}
+        log = (run_megalm(*args, extra_env=faults) if nproc == 1 else torchrun(nproc, *args, extra_env=faults)).stderr
+        assert "step 3 skipped: a non-finite loss or gradient (gradient norm " in log, (name, log[-3000:])
+        assert "step 4 skipped: " in log and "weights, Adam moments and Adam's step count are unchanged" in log
+        (step2, before), after3, after4, (step5, trained) = (saved(run_dir, s) for s in (2, 3, 4, 5))
+        for adam_step, after in (after3, after4):
+            assert adam_step == step2, name  # (DeepSpeed's bf16 optimizer counts one step more from its start)
+            for param, tensors in before.items():
+                for kept, now in zip(tensors, after[param]):
+                    assert torch.equal(kept, now), (name, param)
+        assert step5 == step2 + 1 and not torch.equal(before["embed.tok.weight"][0], trained["embed.tok.weight"][0]), name
+        rows = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
+        # a skipped step is logged at once; a row's loss is the mean of the steps taken since the last one
+        assert rows[3]["skipped"] == [3] and rows[4]["skipped"] == [4] and rows[4]["loss"] is None, name
+        assert rows[3]["loss"] > 0 and rows[4]["nonfinite"] == ["loss", "grad_norm"], name
+        assert rows[5]["skipped_steps"] == 2 and rows[5]["loss"] > 0 and "skipped" not in rows[5], name
