@@ -131,6 +131,8 @@ class DataConfig:
     num_workers: int = field(0, "data loader worker processes per rank")
     eval_sequences: int = field(64, "validation sequences scored at each evaluation")
     seed: int = field(1234, "seed of the document split and shuffling")
+    skip_steps: list[int] = field([], "steps whose data is read and not trained on (their update is skipped); "
+                                      "a rollback adds the steps it skips to the run's own list")
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,15 @@ class ProfileConfig:
     steps: list[int] = field([], "[first, last] steps to record with torch.profiler (empty: none)")
     ranks: list[int] = field([0], "the ranks that record")
     memory: bool = field(False, "also record memory allocations (and tensor shapes)")
+
+
+@dataclass(frozen=True)
+class SpikeConfig:
+    factor: float = field(3.0, "a step whose loss exceeds FACTOR x the median of the last WINDOW steps' losses is a "
+                               "spike: the run rolls back to its newest checkpoint before it and skips its data "
+                               "(0: never)")
+    window: int = field(50, "steps in the running median")
+    warmup: int = field(50, "steps trained before spikes are judged (the loss falls fast at first)")
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,9 @@ class TrainConfig:
     progress: bool = field(True, "show a progress bar on rank 0")
     wandb: WandbConfig = field(WandbConfig(), "Weights & Biases logging")
     profile: ProfileConfig = field(ProfileConfig(), "torch profiler traces of chosen steps (RUN_DIR/profile/)")
+    spike: SpikeConfig = field(SpikeConfig(), "loss spikes rolled back (megalm/train/rollback.py)")
+    max_nonfinite: int = field(3, "this many non-finite (skipped) steps in a row roll the run back, as a spike does")
+    max_rollbacks: int = field(3, "rollbacks a run may make; one more anomaly then stops it with an error")
     watchdog_timeout_s: float = field(
         600.0, "a rank that makes no progress (or stops its heartbeat) this long ends the run, named (0: off)")
     collective_timeout_s: float = field(1800.0, "how long a collective may wait for a peer before it fails")
@@ -455,7 +469,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                     "train.save_every": t.save_every, "train.keep_every": t.keep_every, "train.stop_at": t.stop_at,
                     "train.watchdog_timeout_s": t.watchdog_timeout_s, "slurm.max_requeues": cfg.slurm.max_requeues,
                     "data.num_workers": d.num_workers, "data.min_chars": d.min_chars,
-                    "data.prepare_workers": d.prepare_workers, "parallel.dp": p.dp}
+                    "data.prepare_workers": d.prepare_workers, "parallel.dp": p.dp, "train.spike.factor": t.spike.factor,
+                    "train.spike.warmup": t.spike.warmup, "train.max_rollbacks": t.max_rollbacks}
     for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -479,6 +494,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     if not 0.0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
+    if any(step < 1 for step in cfg.data.skip_steps):
+        raise ConfigError(f"data.skip_steps: steps count from 1, got {cfg.data.skip_steps}")
+    for key, value in {"train.spike.window": t.spike.window, "train.max_nonfinite": t.max_nonfinite}.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
     if t.profile.steps and (len(t.profile.steps) != 2 or not 1 <= t.profile.steps[0] <= t.profile.steps[1]):
         raise ConfigError(f"train.profile.steps: expected [first, last] with 1 <= first <= last, got {t.profile.steps}")
     for i, source in enumerate(d.mix):

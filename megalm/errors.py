@@ -64,6 +64,10 @@ class RunLocked(MegalmError):
     """Another live process holds the run dir."""
 
 
+class TrainingDiverged(MegalmError):
+    """Anomalies went on after every rollback a run may make (train.max_rollbacks)."""
+
+
 class PeerFailed(MegalmError):
     """This rank stops because another rank failed first (its line is the message)."""
 

@@ -61,3 +61,41 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_changes_nothing(data_arg
         assert rows[3]["skipped"] == [3] and rows[4]["skipped"] == [4] and rows[4]["loss"] is None, name
         assert rows[3]["loss"] > 0 and rows[4]["nonfinite"] == ["loss", "grad_norm"], name
         assert rows[5]["skipped_steps"] == 2 and rows[5]["loss"] > 0 and "skipped" not in rows[5], name
+
+
+def final_state(run_dir, step: int) -> dict[str, list[torch.Tensor]]:
+    return saved(run_dir, step)[1]
+
+
+@pytest.mark.slow
+def test_a_loss_spike_rolls_back_and_ends_where_a_run_skipping_its_data_ends(data_args, tmp_path):
+    """A loss 20 times the usual at step 8: the run rolls back to its checkpoint of step 6, skips
+    step 8's data and trains on, in the same process, to the weights of a clean run given
+    data.skip_steps=[8], bit for bit; then a run whose every step from 7 is non-finite rolls back
+    until train.max_rollbacks stops it with one line, retention having kept what it went back to."""
+    args = ["train", CONFIG, *TINY, *data_args, "train.steps=12", "train.save_every=2", "train.eval_every=12",
+            "train.spike.warmup=4", "train.spike.window=5"]
+    spiked, clean = tmp_path / "spiked", tmp_path / "clean"
+    log = run_megalm(*args, f"train.run_dir={spiked}", extra_env={"MEGALM_FAULTS": "scale=20@8"}).stderr
+    run_megalm(*args, f"train.run_dir={clean}", "data.skip_steps=[8]")
+    assert "rollback 1 of at most 3: step 8: a loss spike: " in log and "back to step_00000006 in " in log, log[-3000:]
+    assert "step 8: its data is skipped (after a rollback)" in log
+    ours, theirs = final_state(spiked, 12), final_state(clean, 12)
+    assert all(torch.equal(a, b) for name in theirs for a, b in zip(ours[name], theirs[name]))
+    rows = metrics(spiked)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))  # the rolled-back steps' rows replaced
+    (back,) = [r for r in rows if "rollback" in r]
+    assert back["step"] == 6 and back["rollback"]["at_step"] == 8 and back["rollback"]["skip_data"] == [8]
+    assert rows[-2]["rollbacks"] == 1 and rows[-2]["skipped_steps"] == 1
+
+    # every step from 7 on non-finite, a checkpoint each step: 3 in a row roll back to step 6 (kept by
+    # retention although 7 and 8, the newest 2, were saved since), twice; the third stops the run
+    broken = tmp_path / "broken"
+    faults = ",".join(f"nan@{s}" for s in range(7, 40))
+    proc = run_megalm(*args, f"train.run_dir={broken}", "train.max_rollbacks=2", "train.steps=20",
+                      "train.save_every=1", check=False, extra_env={"MEGALM_FAULTS": faults})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("rollback ") == 2 and "back to step_00000006" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("megalm: error: step ") and "3 non-finite steps in a row" in last, last
+    assert "after 2 rollbacks (train.max_rollbacks=2); stopping" in last, last

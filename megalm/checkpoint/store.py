@@ -245,6 +245,15 @@ class Checkpointer:
         self._load(ckpt, meta, keep)
         return meta
 
+    def roll_back(self, ckpt: Path) -> CheckpointMeta:
+        """Collective: back to checkpoint ``ckpt`` of this run, all of it (a resume in the same
+        process), which ``latest`` then names: a restart from here takes the same way back."""
+        self.wait()
+        meta = self.load(ckpt, "all", "rollback")
+        if self.rank == 0:
+            atomic_write_text(self.root / catalog.LATEST, ckpt.name)
+        return meta
+
     def _verified(self, ckpt: Path) -> tuple[CheckpointMeta | None, str | None]:
         """Collective: every rank checksums a share of the files; the first problem, if any."""
         try:

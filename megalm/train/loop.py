@@ -1,7 +1,8 @@
 """The step loop every training run shares (pretraining and classification fine-tuning).
 
-A run hands in its phases — ``train_step``, ``log_step``, ``evaluate``, ``save`` — and this loop
-calls them in order until the last step or a stop signal (SIGTERM, SIGUSR1 or Ctrl-C, agreed by
+A run hands in its phases — ``train_step``, ``log_step``, ``recover`` (roll back after a loss spike
+or non-finite steps), ``evaluate``, ``save`` — and this loop calls them in order until the last
+step or a stop signal (SIGTERM, SIGUSR1 or Ctrl-C, agreed by
 every rank: see preemption.py).
 """
 
@@ -17,6 +18,9 @@ from megalm.observe.metrics import ProgressBar
 from megalm.train.preemption import StopFlag
 
 log = logging.getLogger("megalm")
+
+# how a step ended (a run's train_step says)
+TRAINED, NONFINITE, DATA_SKIPPED = "trained", "non-finite", "data skipped"
 
 
 class LoopEnd(NamedTuple):
@@ -40,10 +44,12 @@ def run_steps(run, last: int, profiler=None) -> LoopEnd:
         logging_step = step % t.log_every == 0 or step == last
         lr = run.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
         with profiler.step(step) if profiler is not None else contextlib.nullcontext():
-            skipped = run.train_step(measure=logging_step)
-        signalled = stop.agreed(run.world.device)
-        if logging_step or signalled or skipped:
+            outcome = run.train_step(measure=logging_step)
+        signalled, loss = stop.agreed(run.world.device, run.step_loss)
+        if logging_step or signalled or outcome != TRAINED:
             run.log_step(lr, time.perf_counter() - started, bar)
+        if run.recover(loss, outcome):
+            continue  # rolled back to an earlier step: nothing of this one is evaluated or saved
         if step % t.eval_every == 0 or step == t.steps:
             evaluated = run.evaluate()
         if t.save and ((t.save_every and step % t.save_every == 0) or step == last or signalled):

@@ -42,8 +42,11 @@ class StopFlag:
         self.requested = self.requested or name
         _received.append(name)
 
-    def agreed(self, device: torch.device) -> bool:
-        """Collective: True on every rank if any rank was signalled."""
-        flag = torch.tensor([float(self.requested is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, device: torch.device, loss: float) -> tuple[bool, float]:
+        """Collective, once per step: whether any rank was signalled (then every rank is told), and
+        this step's ``loss`` averaged over the ranks, which the same reduction carries for the
+        anomaly watch (rollback.py) at no extra cost."""
+        sums = torch.tensor([float(self.requested is not None), loss], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        signalled, total = sums.tolist()
+        return signalled > 0, total / dist.get_world_size()

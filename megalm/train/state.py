@@ -17,13 +17,16 @@ import torch
 class TrainState:
     """Where training stands: optimizer steps taken (skipped ones included: their data was read),
     tokens trained on (also per data source, with skipped shards' holes left out), bad shards
-    skipped, and the steps whose update was skipped (non-finite: guard.py)."""
+    skipped, the steps whose update was skipped (non-finite: guard.py; or their data skipped), the
+    steps whose data rollbacks chose to skip, and how many rollbacks there were (rollback.py)."""
 
     step: int = 0
     tokens: int = 0
     tokens_by_source: dict[str, int] = field(default_factory=dict)
     bad_shards: int = 0
     skipped_steps: list[int] = field(default_factory=list)
+    skip_data: list[int] = field(default_factory=list)
+    rollbacks: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -33,6 +36,7 @@ class TrainState:
         # checkpoints from before these counters were kept start them at zero
         self.tokens_by_source, self.bad_shards = dict(state.get("tokens_by_source", {})), state.get("bad_shards", 0)
         self.skipped_steps = list(state.get("skipped_steps", []))
+        self.skip_data, self.rollbacks = list(state.get("skip_data", [])), state.get("rollbacks", 0)
 
 
 class RNGState:

@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 from megalm_kernels.provenance import device_name
 
+from megalm.checkpoint import catalog
 from megalm.checkpoint.store import Checkpointer
 from megalm.config import Config, batch_layout, validate
 from megalm.data.loader import Step
-from megalm.errors import EXIT_STOPPED, FAILURES_FILE
+from megalm.errors import EXIT_STOPPED, FAILURES_FILE, TrainingDiverged
 from megalm.model.transformer import parameter_count
 from megalm.observe.flops import flops_per_token, mfu, peak_tflops
 from megalm.observe.metrics import (MetricsSink, ProgressBar, Throughput, data_hash, drop_metrics_after,
@@ -44,7 +45,8 @@ from megalm.train.engine import build_engine, build_model
 from megalm.train.evaluate import to_device
 from megalm.train.faults import Faults
 from megalm.train.guard import StepGuard
-from megalm.train.loop import run_steps
+from megalm.train.rollback import Anomaly, AnomalyWatch
+from megalm.train.loop import DATA_SKIPPED, NONFINITE, TRAINED, run_steps
 from megalm.train.run_lock import RunLock
 from megalm.train.state import RNGState, TrainState
 from megalm.train.tasks import build_task
@@ -111,7 +113,8 @@ class Trainer:
         self.run_dir = Path(self.cfg.train.run_dir)
         self.batch = batch_layout(self.cfg, self.mesh.dp)
         self.engine = self._build_engine()
-        self.guard, self.faults = StepGuard(self.engine), Faults(self.world.rank)
+        self.guard, self.faults, self.watch = StepGuard(self.engine), Faults(self.world.rank), AnomalyWatch(cfg)
+        self.pinned: Path | None = None  # kept from retention while non-finite steps may roll back to it
         self.state, self.rng, self.loader = TrainState(), RNGState(), self.task.loader(self.batch, self.mesh)
         self.checkpointer = Checkpointer(self.run_dir, self.engine, self.mesh, self.cfg, self.task.tokenizer,
                                          shared={"train": self.state, "data": self.loader}, per_rank={"rng": self.rng})
@@ -126,7 +129,8 @@ class Trainer:
         self.timer = PhaseTimer(self.world.device)
         self.throughput = Throughput()
         self.interval_losses: list[torch.Tensor] = []  # of the steps taken (a skipped step's are dropped)
-        self.interval_skipped: list[int] = []
+        self.interval_skipped: list[tuple[int, str]] = []  # (step, NONFINITE or DATA_SKIPPED) since the last log
+        self.step_loss = math.nan  # this rank's loss of the last step (NaN: none taken)
         self.interval_data_hash = 0  # which sequences were trained on since the last log (any layout)
         self.interval_data_wait_s = 0.0
         self.interval_started = time.perf_counter()
@@ -163,12 +167,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ phases
 
-    def train_step(self, measure: bool) -> bool:
+    def train_step(self, measure: bool) -> str:
         """One optimizer step over this rank's micro-batches (with ``measure``, a logged step, its
-        phases timed). Returns whether the step was skipped: a non-finite loss or gradient on some
-        rank, which leaves weights and optimizer state as they were (guard.py)."""
+        phases timed). Returns how it ended: TRAINED; NONFINITE, a non-finite loss or gradient on some
+        rank, which leaves weights and optimizer state as they were (guard.py); or DATA_SKIPPED, a step
+        of data.skip_steps or of a rollback's, whose data is read and not trained on."""
         self.checkpointer.check()  # a background save that failed stops training here
         self.watchdog.progress(self.state.step, "data")
+        self.step_loss = math.nan
+        if self.state.step + 1 in {*self.cfg.data.skip_steps, *self.state.skip_data}:
+            return self._skip_data()
         self.timer.start_step(measure)
         waited = time.perf_counter()
         with self.timer.phase("data"):
@@ -196,12 +204,26 @@ class Trainer:
                 self.interval_losses.append(loss.detach().float())
                 self.watchdog.progress(self.state.step, "forward-backward")
         self.state.step += 1
-        skipped = self.guard.skipped()
-        if skipped:
+        if self.guard.skipped():
             del self.interval_losses[losses_before:]
-            self.interval_skipped.append(self.state.step)
+            self.interval_skipped.append((self.state.step, NONFINITE))
             self.state.skipped_steps.append(self.state.step)
-        return skipped
+            return NONFINITE
+        self.step_loss = torch.stack(self.interval_losses[losses_before:]).mean().item()
+        return TRAINED
+
+    def _skip_data(self) -> str:
+        """Read the next step's data and train nothing on it (the data order after it stays that of a
+        run that trained it); the learning-rate schedule moves on, as for any step."""
+        next(self.loader)
+        self.state.step += 1
+        self.state.skipped_steps.append(self.state.step)
+        self.interval_skipped.append((self.state.step, DATA_SKIPPED))
+        self.engine.lr_scheduler.step()
+        if self.world.is_main:
+            log.info("step %d: its data is skipped (%s)", self.state.step, "data.skip_steps" if self.state.step in
+                     self.cfg.data.skip_steps else "after a rollback")
+        return DATA_SKIPPED
 
     def _account(self, step: Step) -> torch.Tensor:
         """The loss scale of this step's micro-batches: with it, the loss functions' scaled sums make
@@ -222,7 +244,8 @@ class Trainer:
     def log_step(self, lr: float, step_time_s: float, bar: ProgressBar) -> None:
         """Collective: the mean loss since the last log (of the steps taken), over every rank, and the
         step's numbers; a skipped step is logged at once, with its data."""
-        taken = torch.stack(self.interval_losses).mean().item() if self.interval_losses else math.nan
+        any_taken = bool(self.interval_losses)
+        taken = torch.stack(self.interval_losses).mean().item() if any_taken else math.nan
         loss = all_reduce_mean(taken, self.world.device)
         sums = torch.cat([torch.tensor([self.interval_data_hash]), self.interval_counts]).to(self.world.device)
         dist.all_reduce(sums)
@@ -238,12 +261,16 @@ class Trainer:
         self.interval_counts.zero_()
         tokens_per_s = self.throughput.rate()
         tflops = self.flops_per_token * tokens_per_s / self.world.world_size / 1e12
-        grad_norm = self.engine.get_global_grad_norm()
-        skipped, self.interval_skipped = self.interval_skipped, []
-        if skipped and self.world.is_main:
+        # (none when the interval only skipped data: no gradient was taken)
+        grad_norm = self.engine.get_global_grad_norm() \
+            if any_taken or any(why == NONFINITE for _, why in self.interval_skipped) else None
+        skipped = [step for step, _ in self.interval_skipped]
+        nonfinite = [step for step, why in self.interval_skipped if why == NONFINITE]
+        self.interval_skipped = []
+        if nonfinite and self.world.is_main:  # (a step whose data was skipped said so itself)
             log.warning("step %s skipped: a non-finite loss or gradient (gradient norm %s); weights, Adam moments "
                         "and Adam's step count are unchanged; the step's data: data_hash %d",
-                        ", ".join(map(str, skipped)), grad_norm if grad_norm is None else float(grad_norm), batch_hash)
+                        ", ".join(map(str, nonfinite)), grad_norm if grad_norm is None else float(grad_norm), batch_hash)
         self.sink.write({
             "step": self.state.step, "loss": loss, "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -253,7 +280,7 @@ class Trainer:
             "data_wait_fraction": data_wait.item() / interval_s, "bad_shards": self.state.bad_shards,
             "tokens_by_source": dict(self.state.tokens_by_source),
             "step_breakdown_s": dict(self.timer.seconds), "skipped_steps": len(self.state.skipped_steps),
-            **({"skipped": skipped} if skipped else {}), **self.task.log_fields(),
+            **({"skipped": skipped} if skipped else {}), "rollbacks": self.state.rollbacks, **self.task.log_fields(),
         })
         bar.update(self.state.step, loss, lr, tokens_per_s, mfu(tflops, self.peak_tflops))
 
@@ -265,6 +292,63 @@ class Trainer:
                          **{k: v for k, v in scores.items() if k.startswith("val_")}})
         self.throughput.rate()  # evaluation time is not training throughput
         return scores
+
+    def recover(self, loss: float, outcome: str) -> bool:
+        """After each step, on every rank alike (``loss``: the step's mean over ranks): whether a loss
+        spike or a run of non-finite steps made the run roll back (rollback.py)."""
+        if outcome == DATA_SKIPPED:
+            return False
+        self._pin(outcome == NONFINITE)
+        anomaly = self.watch.observe(self.state.step, loss, outcome == NONFINITE)
+        return anomaly is not None and self.roll_back(anomaly)
+
+    def _pin(self, nonfinite: bool) -> None:
+        """While non-finite steps run on, retention keeps the newest checkpoint from before them."""
+        if nonfinite and self.pinned is None:
+            self.checkpointer.wait()  # the save in flight may be the newest from before
+            before = [c for c in catalog.complete_checkpoints(self.checkpointer.root)
+                      if _step_of(c) < self.state.step]
+            if before and before[-1] not in self.checkpointer.protected:
+                self.pinned = before[-1]
+                self.checkpointer.protected.add(self.pinned)
+        elif not nonfinite and self.pinned is not None:
+            self.checkpointer.protected.discard(self.pinned)
+            self.pinned = None
+
+    def roll_back(self, anomaly: Anomaly) -> bool:
+        """Collective: back to the newest checkpoint before ``anomaly``, whose steps' data is then
+        skipped; False when there is none to go back to (the run goes on, warned)."""
+        t, step = self.cfg.train, self.state.step
+        if self.state.rollbacks >= t.max_rollbacks:
+            raise TrainingDiverged(f"step {step}: {anomaly.reason}, after {self.state.rollbacks} rollbacks "
+                                   f"(train.max_rollbacks={t.max_rollbacks}); stopping: look at the data of steps "
+                                   f"{', '.join(map(str, anomaly.steps))} and at the learning rate")
+        started = time.perf_counter()
+        self.checkpointer.wait()
+        before = [c for c in catalog.complete_checkpoints(self.checkpointer.root) if _step_of(c) < anomaly.first]
+        if not before:
+            if self.world.is_main:
+                log.warning("step %d: %s; no checkpoint from before step %d to roll back to (train.save_every), "
+                            "so training goes on", step, anomaly.reason, anomaly.first)
+            return False
+        target, skip = before[-1], sorted({*self.state.skip_data, *anomaly.steps})
+        rollbacks = self.state.rollbacks + 1
+        self.loader = self.task.loader(self.batch, self.mesh)  # a loader is restored before its first step
+        self.checkpointer.shared["data"] = self.loader
+        self.checkpointer.roll_back(target)
+        self.state.skip_data, self.state.rollbacks = skip, rollbacks
+        self.watch.rolled_back(self.state.step)
+        self._pin(False)  # a new start: the next run of non-finite steps pins its own
+        self.interval_losses.clear()
+        self.interval_skipped.clear()
+        if self.world.is_main:
+            log.warning("rollback %d of at most %d: step %d: %s; back to %s in %.2f s, the data of step %s skipped",
+                        rollbacks, t.max_rollbacks, step, anomaly.reason, target.name, time.perf_counter() - started,
+                        ", ".join(map(str, anomaly.steps)))
+            drop_metrics_after(self.run_dir, self.state.step)  # the steps after it are trained again
+            self.sink.write({"step": self.state.step, "rollback": {"at_step": step, "reason": anomaly.reason,
+                                                                   "skip_data": anomaly.steps, "count": rollbacks}})
+        return True
 
     def save(self) -> Path:
         """Collective: a checkpoint of the engine and every stateful part."""
@@ -303,6 +387,10 @@ class Trainer:
         self.watchdog.close()  # the last collective: after it every rank has nothing left to do but exit
         return Summary(self.run_dir, self.state.step, self.state.tokens, scores, time.time() - self.t_start,
                        end.checkpoint, self.task.unigram_entropy_nats, end.stopped)
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix(catalog.PREFIX))
 
 
 def train(cfg: Config) -> Summary:
