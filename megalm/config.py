@@ -228,6 +228,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SlurmConfig:
     max_requeues: int = field(3, "requeues in a row that end at the same step before the job gives up")
+    max_restarts: int = field(3, "a one-node run whose rank died without a word (killed, out of memory) or was "
+                                 "ended by the watchdog is restarted this many times, from its newest checkpoint, "
+                                 "without a requeue")
     signal_lead_s: int = field(180, "seconds before the time limit that Slurm signals the job to save and requeue")
     rdzv_wait_s: int = field(120, "how long a node waits for the rendezvous on the first node before failing")
 
@@ -468,9 +471,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                     "model.max_seq_len": m.max_seq_len, "train.warmup_steps": t.warmup_steps,
                     "train.save_every": t.save_every, "train.keep_every": t.keep_every, "train.stop_at": t.stop_at,
                     "train.watchdog_timeout_s": t.watchdog_timeout_s, "slurm.max_requeues": cfg.slurm.max_requeues,
+                    "slurm.max_restarts": cfg.slurm.max_restarts,
                     "data.num_workers": d.num_workers, "data.min_chars": d.min_chars,
-                    "data.prepare_workers": d.prepare_workers, "parallel.dp": p.dp, "train.spike.factor": t.spike.factor,
-                    "train.spike.warmup": t.spike.warmup, "train.max_rollbacks": t.max_rollbacks}
+                    "data.prepare_workers": d.prepare_workers, "parallel.dp": p.dp,
+                    "train.spike.factor": t.spike.factor, "train.spike.warmup": t.spike.warmup,
+                    "train.max_rollbacks": t.max_rollbacks}
     for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")

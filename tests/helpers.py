@@ -176,3 +176,17 @@ def denied(small_shards, rank: int, after: int) -> tuple[list[str], dict]:
         old.unlink()
     return [f"data.dir=pipe:{deny} {{}}", f"data.source={out}"], \
         {"DATA": str(out), "DENY_RANK": str(rank), "DENY_AFTER": str(after)}
+
+
+def launcher(*args: str, nproc: int, extra_env: dict | None = None) -> Watched:
+    """``launch/train.sh`` as a user runs it (its python3 is this one)."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return Watched(["bash", "launch/train.sh", *args],
+                   extra_env={"NPROC": str(nproc), "PATH": path, **(extra_env or {})})
+
+
+def wait_for_steps(run: Watched, run_dir, step: int) -> None:
+    """Until ``run`` has logged training step ``step``."""
+    while not (run_dir / "metrics.jsonl").is_file() or max(r["step"] for r in metrics(run_dir)) < step:
+        assert run.proc.poll() is None, run.stderr[-3000:]
+        time.sleep(0.1)

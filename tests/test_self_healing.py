@@ -2,6 +2,9 @@
 settings: faults injected with ``MEGALM_FAULTS`` (megalm/train/faults.py) go through the same
 arithmetic a real fault would."""
 
+import time
+
+import psutil
 import pytest
 import torch
 
@@ -9,7 +12,7 @@ from megalm.checkpoint.meta import CheckpointMeta
 from megalm.checkpoint.shards import CheckpointReader
 from megalm.errors import UsageError
 from megalm.train.faults import parse
-from tests.helpers import CONFIG, TINY, metrics, run_megalm, torchrun
+from tests.helpers import CONFIG, TINY, launcher, metrics, run_megalm, torchrun, wait_for_steps
 
 # (processes, overrides, the rank that meets the faults): every optimizer path DeepSpeed takes
 LAYOUTS = {
@@ -99,3 +102,31 @@ def test_a_loss_spike_rolls_back_and_ends_where_a_run_skipping_its_data_ends(dat
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("megalm: error: step ") and "3 non-finite steps in a row" in last, last
     assert "after 2 rollbacks (train.max_rollbacks=2); stopping" in last, last
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_restarted_in_place_and_the_run_ends_as_if_never_hit(data_args, tmp_path):
+    """launch/train.sh with 2 processes; rank 1 is killed (-9) mid-run: the node launcher starts the
+    ranks again from the newest checkpoint, without anyone's help, and the run ends on the weights
+    of an uninterrupted run, bit for bit. (A rank's own error is not restarted, it would recur:
+    test_failures.py, test_the_first_error_reaches_every_rank_within_seconds.)"""
+    args = [CONFIG, *TINY, *data_args, "train.steps=40", "train.save_every=5", "train.eval_every=40",
+            "train.micro_batch_size=2", "train.log_every=5"]
+    run_dir, reference = tmp_path / "hit", tmp_path / "reference"
+    run = launcher(*args, f"train.run_dir={run_dir}", nproc=2)
+    wait_for_steps(run, run_dir, 12)
+    victim = next(p for p in psutil.Process(run.proc.pid).children(recursive=True)
+                  if "megalm.cli" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1")
+    victim.kill()
+    hit = time.monotonic() - run.started
+    run.end()
+    assert run.proc.returncode == 0, run.stderr[-4000:]
+    assert "megalm node: a training process died without a word (" in run.stderr
+    assert "restarting the ranks from the newest checkpoint (restart 1 of at most 3, slurm.max_restarts)" in run.stderr
+    resumed = run.at("megalm[0]: train: lm, 40 steps")  # the second one: training again
+    starts = [t for t, line in run.lines if line.startswith("megalm[0]: train: lm, 40 steps")]
+    assert len(starts) == 2 and "from step 0" not in run.last("megalm[0]: train: ")
+    torchrun(2, "train", *args, f"train.run_dir={reference}")
+    ours, theirs = saved(run_dir, 40)[1], saved(reference, 40)[1]
+    assert all(torch.equal(a, b) for name in theirs for a, b in zip(ours[name], theirs[name]))
+    print(f"\nrank 1 killed {hit:.1f} s in; training again {starts[1] - hit:.1f} s later (first start {resumed:.1f} s)")

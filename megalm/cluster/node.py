@@ -9,6 +9,11 @@ and dies of it; on Ctrl-C it sends its workers a second SIGINT, which would stop
 their save. So torchrun runs in a session of its own, ignoring SIGUSR1, and this launcher forwards
 SIGUSR1, SIGTERM and SIGINT to the workers itself (see ``Forwarder``), once each.
 
+A rank that dies without a word (killed, out of memory) or a run the watchdog ends is restarted
+on a one-node run, from its newest checkpoint, up to ``slurm.max_restarts`` times (``restartable``);
+a rank's own error is not (it would only happen again), nor is a run stopped by a signal. A run of
+several nodes is requeued instead, as before: its nodes would have to restart together.
+
 When training ends badly the launcher's last line says why: the first failure or the watchdog's
 verdict, as the ranks recorded it in ``RUN_DIR/failures.txt``. Its exit code is the run's (see
 megalm/errors.py): 75 when a stop signal ended it after its save, 3 for a watchdog verdict, 1 for
@@ -116,15 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         say(f"megalm preflight: error: {e}")
         return EXIT_USAGE
     failures = Path(cfg.train.run_dir) / FAILURES_FILE
-    before = failures.stat().st_size if failures.is_file() else 0
-    torchrun = subprocess.Popen(torchrun_command(args, cfg), start_new_session=True, preexec_fn=_torchrun_signals)
-    while torchrun.poll() is None:
-        forwarder.forward(torchrun)
-        time.sleep(0.2)
+    for restart in range(cfg.slurm.max_restarts + 1):
+        before = failures.stat().st_size if failures.is_file() else 0
+        started = time.monotonic()
+        torchrun = subprocess.Popen(torchrun_command(args, cfg), start_new_session=True,
+                                    preexec_fn=_torchrun_signals)
+        while torchrun.poll() is None:
+            forwarder.forward(torchrun)
+            time.sleep(0.2)
+        why = new_lines(failures, before)
+        stopped = forwarder.pending or torchrun.returncode == EXIT_STOPPED  # asked to stop: nothing to wait for
+        if torchrun.returncode == 0 or stopped or not restartable(args, why) or restart == cfg.slurm.max_restarts:
+            break
+        say(f"megalm node: {why[0].split(' ', 1)[1] if why else 'a training process died without a word'} "
+            f"({time.monotonic() - started:.0f} s in); restarting the ranks from the newest checkpoint "
+            f"(restart {restart + 1} of at most {cfg.slurm.max_restarts}, slurm.max_restarts)")
     if torchrun.returncode == 0:
         return 0
-    why = new_lines(failures, before)
-    stopped = forwarder.pending or torchrun.returncode == EXIT_STOPPED  # asked to stop: nothing to wait for
     if not why and args.nnodes > 1 and cfg.train.watchdog_timeout_s and not stopped:
         # this node's ranks died without a word: the watchdog on the other nodes names the culprit
         why = await_verdict(failures, before, cfg.train.watchdog_timeout_s + 30)
@@ -137,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
               f"to resume (exit code {EXIT_STOPPED})")
         return EXIT_STOPPED
     return torchrun.returncode
+
+
+def restartable(args, why: list[str]) -> bool:
+    """Whether a failed run is worth starting again in place: one node, and no rank's own error
+    (only a death without a word, or the watchdog's verdict on one)."""
+    return args.nnodes == 1 and all(line.split(" ", 1)[1].startswith("watchdog:") for line in why)
 
 
 def _torchrun_signals() -> None:

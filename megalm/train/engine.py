@@ -1,9 +1,10 @@
 """Building the model on its process mesh and handing it to the DeepSpeed engine.
 
 DeepSpeed owns the optimizer (AdamW), ZeRO sharding over the data-parallel group, bf16, gradient
-accumulation and clipping (on its plain fp32 path, the step guard clips: guard.py). With pp = 1 the model is a ``Transformer`` on the standard engine, with
-the mesh as DeepSpeed's ``mpu`` so ZeRO shards over data-parallel ranks only; with pp > 1 it is a
-``PipelineModule`` on DeepSpeed's ``PipelineEngine`` (1F1B schedule).
+accumulation and clipping (on its plain fp32 path, the step guard clips: guard.py). With pp = 1 the
+model is a ``Transformer`` on the standard engine, with the mesh as DeepSpeed's ``mpu`` so ZeRO
+shards over data-parallel ranks only; with pp > 1 it is a ``PipelineModule`` on DeepSpeed's
+``PipelineEngine`` (1F1B schedule).
 """
 
 from __future__ import annotations

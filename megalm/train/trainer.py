@@ -270,7 +270,8 @@ class Trainer:
         if nonfinite and self.world.is_main:  # (a step whose data was skipped said so itself)
             log.warning("step %s skipped: a non-finite loss or gradient (gradient norm %s); weights, Adam moments "
                         "and Adam's step count are unchanged; the step's data: data_hash %d",
-                        ", ".join(map(str, nonfinite)), grad_norm if grad_norm is None else float(grad_norm), batch_hash)
+                        ", ".join(map(str, nonfinite)), grad_norm if grad_norm is None else float(grad_norm),
+                        batch_hash)
         self.sink.write({
             "step": self.state.step, "loss": loss, "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
