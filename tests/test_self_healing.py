@@ -82,6 +82,7 @@ def test_a_loss_spike_rolls_back_and_ends_where_a_run_skipping_its_data_ends(dat
     log = run_megalm(*args, f"train.run_dir={spiked}", extra_env={"MEGALM_FAULTS": "scale=20@8"}).stderr
     run_megalm(*args, f"train.run_dir={clean}", "data.skip_steps=[8]")
     assert "rollback 1 of at most 3: step 8: a loss spike: " in log and "back to step_00000006 in " in log, log[-3000:]
+    assert float(log.split("back to step_00000006 in ")[1].split(" s,")[0]) < 10  # detection to training again
     assert "step 8: its data is skipped (after a rollback)" in log
     ours, theirs = final_state(spiked, 12), final_state(clean, 12)
     assert all(torch.equal(a, b) for name in theirs for a, b in zip(ours[name], theirs[name]))
@@ -126,6 +127,7 @@ def test_a_killed_rank_is_restarted_in_place_and_the_run_ends_as_if_never_hit(da
     resumed = run.at("megalm[0]: train: lm, 40 steps")  # the second one: training again
     starts = [t for t, line in run.lines if line.startswith("megalm[0]: train: lm, 40 steps")]
     assert len(starts) == 2 and "from step 0" not in run.last("megalm[0]: train: ")
+    assert starts[1] - hit < 20, (hit, starts)  # from the kill to training again
     torchrun(2, "train", *args, f"train.run_dir={reference}")
     ours, theirs = saved(run_dir, 40)[1], saved(reference, 40)[1]
     assert all(torch.equal(a, b) for name in theirs for a, b in zip(ours[name], theirs[name]))

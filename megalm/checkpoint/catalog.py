@@ -40,6 +40,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / CheckpointMeta.FILE).is_file())
 
 
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix(PREFIX))
+
+
+def newest_before(root: Path, step: int) -> Path | None:
+    """The newest complete checkpoint from before step ``step`` (what a rollback goes back to)."""
+    return next((c for c in reversed(complete_checkpoints(root)) if step_of(c) < step), None)
+
+
 def newest_first(root: Path) -> list[Path]:
     """The complete checkpoints to try resuming from: the one ``latest`` names, then the others,
     newest first."""
@@ -143,7 +152,7 @@ def to_delete(root: Path, newest: int, keep_last: int, keep_every: int, protecte
     the newest ``keep_last`` of them, those whose step is a multiple of ``keep_every``, and the
     ``protected`` ones. Checkpoints past ``newest`` (left by a run that was rewound) are not counted
     and not removed."""
-    steps = {p: int(p.name.removeprefix(PREFIX)) for p in complete_checkpoints(root)}
+    steps = {p: step_of(p) for p in complete_checkpoints(root)}
     mine = sorted((p for p, s in steps.items() if s <= newest), key=steps.get)
     kept = set(mine[-keep_last:]) | protected
     if keep_every:

@@ -307,10 +307,9 @@ class Trainer:
         """While non-finite steps run on, retention keeps the newest checkpoint from before them."""
         if nonfinite and self.pinned is None:
             self.checkpointer.wait()  # the save in flight may be the newest from before
-            before = [c for c in catalog.complete_checkpoints(self.checkpointer.root)
-                      if _step_of(c) < self.state.step]
-            if before and before[-1] not in self.checkpointer.protected:
-                self.pinned = before[-1]
+            before = catalog.newest_before(self.checkpointer.root, self.state.step)
+            if before is not None and before not in self.checkpointer.protected:
+                self.pinned = before
                 self.checkpointer.protected.add(self.pinned)
         elif not nonfinite and self.pinned is not None:
             self.checkpointer.protected.discard(self.pinned)
@@ -326,13 +325,13 @@ class Trainer:
                                    f"{', '.join(map(str, anomaly.steps))} and at the learning rate")
         started = time.perf_counter()
         self.checkpointer.wait()
-        before = [c for c in catalog.complete_checkpoints(self.checkpointer.root) if _step_of(c) < anomaly.first]
-        if not before:
+        target = catalog.newest_before(self.checkpointer.root, anomaly.first)
+        if target is None:
             if self.world.is_main:
                 log.warning("step %d: %s; no checkpoint from before step %d to roll back to (train.save_every), "
                             "so training goes on", step, anomaly.reason, anomaly.first)
             return False
-        target, skip = before[-1], sorted({*self.state.skip_data, *anomaly.steps})
+        skip = sorted({*self.state.skip_data, *anomaly.steps})
         rollbacks = self.state.rollbacks + 1
         self.loader = self.task.loader(self.batch, self.mesh)  # a loader is restored before its first step
         self.checkpointer.shared["data"] = self.loader
@@ -388,10 +387,6 @@ class Trainer:
         self.watchdog.close()  # the last collective: after it every rank has nothing left to do but exit
         return Summary(self.run_dir, self.state.step, self.state.tokens, scores, time.time() - self.t_start,
                        end.checkpoint, self.task.unigram_entropy_nats, end.stopped)
-
-
-def _step_of(ckpt: Path) -> int:
-    return int(ckpt.name.removeprefix(catalog.PREFIX))
 
 
 def train(cfg: Config) -> Summary:
