@@ -171,6 +171,14 @@ class SpikeConfig:
 
 
 @dataclass(frozen=True)
+class StragglerConfig:
+    ratio: float = field(1.5, "a rank whose own time per step (compute and data, not waiting in collectives) is "
+                              "RATIO x the median of the other ranks of its pipeline stage or more is slow (0: never "
+                              "warn)")
+    steps: int = field(5, "a rank slow this many steps in a row is named in a warning, with its host and device")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     task: Literal["lm", "classify"] = field(
         "lm", "lm: language modelling on data.dir (model.objective causal or masked); classify: a classifier "
@@ -218,6 +226,9 @@ class TrainConfig:
     spike: SpikeConfig = field(SpikeConfig(), "loss spikes rolled back (megalm/train/rollback.py)")
     max_nonfinite: int = field(3, "this many non-finite (skipped) steps in a row roll the run back, as a spike does")
     max_rollbacks: int = field(3, "rollbacks a run may make; one more anomaly then stops it with an error")
+    straggler: StragglerConfig = field(StragglerConfig(), "slow ranks named (megalm/observe/stragglers.py)")
+    collectives_kept: int = field(64, "each rank keeps its last N collectives, written to RUN_DIR/collectives/ with "
+                                      "every watchdog verdict and failure")
     watchdog_timeout_s: float = field(
         600.0, "a rank that makes no progress (or stops its heartbeat) this long ends the run, named (0: off)")
     collective_timeout_s: float = field(1800.0, "how long a collective may wait for a peer before it fails")
@@ -475,7 +486,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                     "data.num_workers": d.num_workers, "data.min_chars": d.min_chars,
                     "data.prepare_workers": d.prepare_workers, "parallel.dp": p.dp,
                     "train.spike.factor": t.spike.factor, "train.spike.warmup": t.spike.warmup,
-                    "train.max_rollbacks": t.max_rollbacks}
+                    "train.max_rollbacks": t.max_rollbacks, "train.straggler.ratio": t.straggler.ratio}
     for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -501,7 +512,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
     if any(step < 1 for step in cfg.data.skip_steps):
         raise ConfigError(f"data.skip_steps: steps count from 1, got {cfg.data.skip_steps}")
-    for key, value in {"train.spike.window": t.spike.window, "train.max_nonfinite": t.max_nonfinite}.items():
+    for key, value in {"train.spike.window": t.spike.window, "train.max_nonfinite": t.max_nonfinite,
+                       "train.straggler.steps": t.straggler.steps, "train.collectives_kept": t.collectives_kept}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if t.profile.steps and (len(t.profile.steps) != 2 or not 1 <= t.profile.steps[0] <= t.profile.steps[1]):

@@ -2,6 +2,7 @@
 settings: faults injected with ``MEGALM_FAULTS`` (megalm/train/faults.py) go through the same
 arithmetic a real fault would."""
 
+import json
 import time
 
 import psutil
@@ -33,10 +34,13 @@ def saved(run_dir, step: int) -> tuple[int, dict[str, list[torch.Tensor]]]:
 
 
 def test_faults_are_read_or_refused():
-    faults = parse("nan@5:rank=1, scale=1e30@7")
-    assert [(f.step, f.rank) for f in faults] == [(5, 1), (7, None)] and faults[1].factor == 1e30
-    with pytest.raises(UsageError, match="MEGALM_FAULTS: cannot read 'nan3'; expected nan@STEP, inf@STEP or"):
-        parse("nan3")
+    faults = parse("nan@5:rank=1, scale=1e30@7, slow=0.2@3-9:rank=2, mismatch@4")
+    assert [(f.kind, f.first, f.last, f.rank) for f in faults] == [
+        ("nan", 5, 5, 1), ("scale", 7, 7, None), ("slow", 3, 9, 2), ("mismatch", 4, 4, None)]
+    assert faults[1].value == 1e30 and faults[2].value == 0.2 and faults[2].at(9) and not faults[2].at(10)
+    for bad in ("nan3", "slow@4", "nan=2@4", "scale=x@1"):
+        with pytest.raises(UsageError, match=f"MEGALM_FAULTS: cannot read '{bad}'; expected nan@STEPS, inf@STEPS,"):
+            parse(bad)
 
 
 @pytest.mark.slow
@@ -132,3 +136,89 @@ def test_a_killed_rank_is_restarted_in_place_and_the_run_ends_as_if_never_hit(da
     ours, theirs = saved(run_dir, 40)[1], saved(reference, 40)[1]
     assert all(torch.equal(a, b) for name in theirs for a, b in zip(ours[name], theirs[name]))
     print(f"\nrank 1 killed {hit:.1f} s in; training again {starts[1] - hit:.1f} s later (first start {resumed:.1f} s)")
+
+
+@pytest.mark.slow
+def test_a_slow_rank_is_named_and_a_mismatched_collective_is_shown_on_every_rank(data_args, tmp_path):
+    """4 ranks; rank 2 takes 0.2 s more before its backward (and the gradient all-reduce) at every
+    step: the warning names it by step 10 and the metrics call it the slowest. At step 14 rank 1
+    makes an all-reduce the others do not make: the run hangs; within the watchdog timeout every
+    rank prints and writes its newest collectives, and the verdict names rank 1 as the odd one out."""
+    timeout_s = 4
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    proc = torchrun(4, "train", CONFIG, *TINY, *data_args, "train.micro_batch_size=1", "train.steps=30",
+                    f"train.run_dir={run_dir}", f"train.watchdog_timeout_s={timeout_s}", check=False,
+                    extra_env={"MEGALM_FAULTS": "slow=0.2@1-30:rank=2,mismatch@14:rank=1"})
+    took = time.monotonic() - started
+    log = proc.stderr
+    assert "megalm[0]: rank 2 (" in log and ") is a straggler: its own time " in log, log[-4000:]
+    named_at = int(log.split(") is a straggler: ")[1].split("up to step ")[1].split(":")[0])
+    assert named_at <= 10 and log.count("is a straggler") == 1, named_at
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert len(rows) == 13 and all(r["slowest_rank"] == 2 and 0.15 < r["slowest_rank_lag_s"] < 0.4 for r in rows)
+    verdict = next(line for line in log.splitlines() if line.startswith("megalm[0]: watchdog: every rank is stuck"))
+    assert ("ranks 0, 2, 3 wait in all_reduce on dp 0,1,2,3 #" in verdict and "(16 B float64); rank 1 waits in "
+            "all_reduce on world #" in verdict and "(4 B float32)" in verdict and "rank 1 the odd one out" in verdict)
+    for rank in range(4):
+        assert f"megalm[{rank}]: its newest collectives ({run_dir}/collectives/rank-{rank}.json): " in log
+        dump = json.loads((run_dir / "collectives" / f"rank-{rank}.json").read_text())
+        last = dump["collectives"][-1]
+        assert dump["why"] == verdict.removeprefix("megalm[0]: ").split("; ending the run")[0]
+        assert len(dump["collectives"]) == 64 and last["step"] == 14, rank
+        assert (last["group"], last["bytes"]) == (("world", 4) if rank == 1 else ("dp 0,1,2,3", 16)), (rank, last)
+        # the verdict came within the watchdog timeout (plus its ticks) of the stray collective
+        assert dump_time(run_dir, rank) - last["started"] < timeout_s + 3, rank
+    assert proc.returncode != 0 and took < 60, took
+
+
+def dump_time(run_dir, rank: int) -> float:
+    return (run_dir / "collectives" / f"rank-{rank}.json").stat().st_mtime
+
+
+def _jittered_steps(rank: int, world: int, port: int, out) -> None:
+    """One rank of test_no_false_straggler_...: steps of 3 ms +-20%, timed and judged as the trainer
+    does (collectives.py, StopFlag.agreed, StragglerWatch)."""
+    import random
+
+    import torch.distributed as dist
+
+    from megalm.observe.stragglers import StragglerWatch
+    from megalm.parallel.collectives import RECORDER
+    from megalm.train.preemption import StopFlag
+
+    RECORDER.install(64)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    watch, stop, rng = StragglerWatch(1.5, 5, [0] * world, [f"rank {r}" for r in range(world)]), StopFlag(), \
+        random.Random(rank)
+    warnings = []
+    for step in range(1, 1011):  # (the per-step reduction is where the ranks wait for each other)
+        started, _ = time.perf_counter(), RECORDER.blocked_s()
+        time.sleep(0.003 * rng.uniform(0.8, 1.2) + (0.012 if step > 1000 and rank == 3 else 0))
+        own = time.perf_counter() - started - RECORDER.blocked_s()
+        warning = watch.observe(step, stop.agreed(torch.device("cpu"), 0.0, own)[2])
+        if warning:
+            warnings.append((step, warning))
+    out.put((rank, warnings))
+    dist.destroy_process_group()
+
+
+def test_no_false_straggler_over_1000_jittered_steps_and_a_slow_rank_named_at_once():
+    """4 ranks, 1,000 steps with +-20% random jitter each: no warning; then rank 3 takes 5x as long:
+    named after train.straggler.steps (5) steps."""
+    import socket
+
+    mp = torch.multiprocessing.get_context("fork")  # (spawn would import torch again in each)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Queue()
+    procs = [mp.Process(target=_jittered_steps, args=(rank, 4, port, out)) for rank in range(4)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    for rank, warnings in results.items():  # every rank sees the same numbers, so judges the same
+        assert [step for step, _ in warnings] == [1005], (rank, warnings)
+        assert warnings[0][1].startswith("rank 3 (rank 3) is a straggler: "), warnings

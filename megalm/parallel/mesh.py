@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megalm.parallel.collectives import RECORDER
+
 
 @dataclass
 class Mesh:
@@ -97,17 +99,24 @@ def build_mesh(tp: int, pp: int, world_size: int, rank: int) -> Mesh:
     # new_group must be called by every rank for every group, in the same order
     for p in range(pp):
         for d in range(dp):
-            group = dist.new_group([mesh.global_rank(p, d, t) for t in range(tp)])
+            group = _new_group("tp", [mesh.global_rank(p, d, t) for t in range(tp)])
             if mesh.pp_rank == p and mesh.dp_rank == d:
                 mesh.tp_group = group
     for p in range(pp):
         for t in range(tp):
-            group = dist.new_group([mesh.global_rank(p, d, t) for d in range(dp)])
+            group = _new_group("dp", [mesh.global_rank(p, d, t) for d in range(dp)])
             if mesh.pp_rank == p and mesh.tp_rank == t:
                 mesh.dp_group = group
     for d in range(dp):
         for t in range(tp):
-            group = dist.new_group([mesh.global_rank(p, d, t) for p in range(pp)])
+            group = _new_group("pp", [mesh.global_rank(p, d, t) for p in range(pp)])
             if mesh.dp_rank == d and mesh.tp_rank == t:
                 mesh.pp_group = group
     return mesh
+
+
+def _new_group(kind: str, ranks: list[int]) -> dist.ProcessGroup:
+    """A process group, named for the collectives' record (e.g. ``dp 0,2``)."""
+    group = dist.new_group(ranks)
+    RECORDER.name_group(group, f"{kind} {','.join(map(str, ranks))}")
+    return group

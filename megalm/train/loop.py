@@ -1,6 +1,6 @@
 """The step loop every training run shares (pretraining and classification fine-tuning).
 
-A run hands in its phases — ``train_step``, ``log_step``, ``recover`` (roll back after a loss spike
+A run hands in its phases — ``train_step``, ``watch_ranks`` (name a straggler), ``log_step``, ``recover`` (roll back after a loss spike
 or non-finite steps), ``evaluate``, ``save`` — and this loop calls them in order until the last
 step or a stop signal (SIGTERM, SIGUSR1 or Ctrl-C, agreed by
 every rank: see preemption.py).
@@ -45,7 +45,8 @@ def run_steps(run, last: int, profiler=None) -> LoopEnd:
         lr = run.engine.get_lr()[0]  # this step's; the scheduler advances inside the optimizer step
         with profiler.step(step) if profiler is not None else contextlib.nullcontext():
             outcome = run.train_step(measure=logging_step)
-        signalled, loss = stop.agreed(run.world.device, run.step_loss)
+        signalled, loss, own_s = stop.agreed(run.world.device, run.step_loss, run.step_own_s)
+        run.watch_ranks(own_s)
         if logging_step or signalled or outcome != TRAINED:
             run.log_step(lr, time.perf_counter() - started, bar)
         if run.recover(loss, outcome):

@@ -42,11 +42,15 @@ class StopFlag:
         self.requested = self.requested or name
         _received.append(name)
 
-    def agreed(self, device: torch.device, loss: float) -> tuple[bool, float]:
-        """Collective, once per step: whether any rank was signalled (then every rank is told), and
-        this step's ``loss`` averaged over the ranks, which the same reduction carries for the
-        anomaly watch (rollback.py) at no extra cost."""
-        sums = torch.tensor([float(self.requested is not None), loss], dtype=torch.float64, device=device)
+    def agreed(self, device: torch.device, loss: float, own_s: float) -> tuple[bool, float, list[float]]:
+        """Collective, once per step: whether any rank was signalled (then every rank is told). The
+        same reduction carries, at no extra cost, this step's ``loss`` averaged over the ranks (for
+        the anomaly watch: rollback.py) and every rank's own time ``own_s`` (for the straggler
+        watch: observe/stragglers.py)."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        sums = torch.zeros(2 + world, dtype=torch.float64)
+        sums[0], sums[1], sums[2 + rank] = float(self.requested is not None), loss, own_s
+        sums = sums.to(device)
         dist.all_reduce(sums)
-        signalled, total = sums.tolist()
-        return signalled > 0, total / dist.get_world_size()
+        signalled, total, *own = sums.tolist()
+        return signalled > 0, total / world, own

@@ -38,8 +38,10 @@ from megalm.observe.metrics import (MetricsSink, ProgressBar, Throughput, data_h
                                     peak_memory_gb, start_memory_peak)
 from megalm.observe.plot import plot_loss
 from megalm.observe.profile import StepProfiler
+from megalm.observe.stragglers import StragglerWatch
 from megalm.observe.timing import PhaseTimer
-from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size
+from megalm.parallel.collectives import RECORDER
+from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size, node_name
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model
 from megalm.train.evaluate import to_device
@@ -89,6 +91,7 @@ def start_world(cfg: Config):
     """Join the launch's processes and lay them out as the 3D mesh (``megalm eval`` starts the same way)."""
     validate(cfg, launched_world_size())  # layout errors surface before any process group starts
     world = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+    RECORDER.install(cfg.train.collectives_kept)  # every collective from here on is on record
     mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank)
     if world.is_main:
         log.info(mesh.describe())
@@ -134,8 +137,20 @@ class Trainer:
         self.interval_data_hash = 0  # which sequences were trained on since the last log (any layout)
         self.interval_data_wait_s = 0.0
         self.interval_started = time.perf_counter()
+        self.step_own_s = math.nan  # this rank's time in the last step, less its time blocked in collectives
+        self.stragglers = self._straggler_watch()
         # bad shards, tokens per source
         self.interval_counts = torch.zeros(1 + len(self.task.source_names), dtype=torch.int64)
+
+    def _straggler_watch(self) -> StragglerWatch:
+        """Collective: every rank's host and device, for naming a slow one."""
+        where = [None] * self.world.world_size
+        device = self.world.device
+        dist.all_gather_object(where, f"{node_name()}, {device}" +
+                               (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+        per_stage = self.mesh.dp * self.mesh.tp  # rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+        s = self.cfg.train.straggler
+        return StragglerWatch(s.ratio, s.steps, [r // per_stage for r in range(self.world.world_size)], where)
 
     def _lock_run_dir(self, cfg: Config) -> RunLock | None:
         """Rank 0 holds the run dir for this run (a second run on it is refused), until the process ends."""
@@ -174,15 +189,17 @@ class Trainer:
         of data.skip_steps or of a rollback's, whose data is read and not trained on."""
         self.checkpointer.check()  # a background save that failed stops training here
         self.watchdog.progress(self.state.step, "data")
-        self.step_loss = math.nan
+        self.step_loss = self.step_own_s = math.nan
+        RECORDER.step = self.state.step + 1
         if self.state.step + 1 in {*self.cfg.data.skip_steps, *self.state.skip_data}:
             return self._skip_data()
         self.timer.start_step(measure)
-        waited = time.perf_counter()
+        started, _ = time.perf_counter(), RECORDER.blocked_s()
         with self.timer.phase("data"):
             step = next(self.loader)
-        self.interval_data_wait_s += time.perf_counter() - waited
+        self.interval_data_wait_s += time.perf_counter() - started
         self.watchdog.progress(self.state.step, "forward-backward")
+        self.faults.disturb(self.state.step + 1, self.world.device)
         scale = self._account(step)
         losses_before = len(self.interval_losses)
         if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
@@ -208,9 +225,12 @@ class Trainer:
             del self.interval_losses[losses_before:]
             self.interval_skipped.append((self.state.step, NONFINITE))
             self.state.skipped_steps.append(self.state.step)
-            return NONFINITE
-        self.step_loss = torch.stack(self.interval_losses[losses_before:]).mean().item()
-        return TRAINED
+            outcome = NONFINITE
+        else:
+            self.step_loss = torch.stack(self.interval_losses[losses_before:]).mean().item()  # (waits for the device)
+            outcome = TRAINED
+        self.step_own_s = time.perf_counter() - started - RECORDER.blocked_s()
+        return outcome
 
     def _skip_data(self) -> str:
         """Read the next step's data and train nothing on it (the data order after it stays that of a
@@ -240,6 +260,12 @@ class Trainer:
             self.interval_counts += torch.tensor([len(step.bad_shards), *step.tokens_by_source])
         scale = self.mesh.dp * self.batch.grad_accum / max(counted, 1.0) * self.faults.factor(self.state.step + 1)
         return torch.tensor(scale, dtype=torch.float32)
+
+    def watch_ranks(self, own_s: list[float]) -> None:
+        """After each step, every rank's own time in it (the same on every rank): a straggler is named."""
+        warning = self.stragglers.observe(self.state.step, own_s)
+        if warning and self.world.is_main:
+            log.warning(warning)
 
     def log_step(self, lr: float, step_time_s: float, bar: ProgressBar) -> None:
         """Collective: the mean loss since the last log (of the steps taken), over every rank, and the
@@ -281,7 +307,8 @@ class Trainer:
             "data_wait_fraction": data_wait.item() / interval_s, "bad_shards": self.state.bad_shards,
             "tokens_by_source": dict(self.state.tokens_by_source),
             "step_breakdown_s": dict(self.timer.seconds), "skipped_steps": len(self.state.skipped_steps),
-            **({"skipped": skipped} if skipped else {}), "rollbacks": self.state.rollbacks, **self.task.log_fields(),
+            **({"skipped": skipped} if skipped else {}), "rollbacks": self.state.rollbacks,
+            **self.stragglers.interval(), **self.task.log_fields(),
         })
         bar.update(self.state.step, loss, lr, tokens_per_s, mfu(tflops, self.peak_tflops))
 

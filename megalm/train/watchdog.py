@@ -25,7 +25,11 @@ is not 0):
   step with no rank failed, every rank is stuck in a collective: a hang.
 
 The verdict is posted like a failure; a named rank that can still run prints the stack of where
-it hung, and all exit with code 3. A collective that breaks with no failure posted (a peer was
+it hung, and all exit with code 3. Every heartbeat carries the rank's newest collective
+(parallel/collectives.py), so a hang verdict says where each rank waits, and names the rank whose
+collective its group's other members are not in (a missing or mismatched collective). With every
+verdict, and every failure, each rank writes its last ``train.collectives_kept`` collectives to
+``RUN_DIR/collectives/rank-R.json``; with a verdict it also prints its last few. A collective that breaks with no failure posted (a peer was
 killed without a word) waits for that verdict, still ending at once on a stop signal.
 """
 
@@ -49,11 +53,13 @@ from typing import Callable, Iterator
 import torch.distributed as dist
 
 from megalm.errors import EXIT_ERROR, EXIT_WATCHDOG, exit_code, MegalmError, one_line, prefix, say
+from megalm.parallel.collectives import POINT_TO_POINT, RECORDER
 from megalm.parallel.distributed import node_name
 from megalm.train.preemption import stop_requested
 
 log = logging.getLogger("megalm")
 
+SHOWN = 3  # a rank's newest collectives printed with a verdict
 SOLO_PHASES = ("data",)  # phases a rank runs without waiting for the others
 TICK_S = 0.5  # how often each rank looks for a posted failure
 ACK_WAIT_S = 5.0  # how long rank 0 keeps its store up for the others to read a failure
@@ -83,6 +89,36 @@ def describe(failure: dict) -> str:
     """A posted failure in words: who, where, and its own line."""
     return (f"rank {failure['rank']} on {failure['node']} (pid {failure['pid']}) failed first, at step "
             f"{failure['step']} ({failure['phase']}): {failure['line']}")
+
+
+def waiting_in(live: dict[int, dict]) -> tuple[str, list[int]]:
+    """Where stuck ranks wait, from their heartbeats' newest collectives, in words; and the ranks
+    whose collective other members of its group are not in (the fewest alike: the odd ones out)."""
+    alike: dict[tuple, list[int]] = {}
+    for r, hb in sorted(live.items()):
+        c = hb.get("collective")
+        alike.setdefault((c["what"], c["done"]) if c else ("no collective yet", True), []).append(r)
+    if len(alike) == 1:
+        (what, done), ranks = next(iter(alike.items()))
+        return f"every rank {'last made' if done else 'waits in'} {what}", []
+    places = "; ".join(f"{'rank' if len(ranks) == 1 else 'ranks'} {', '.join(map(str, ranks))} "
+                       f"{'last made' if done else 'waits in' if len(ranks) == 1 else 'wait in'} {what}"
+                       for (what, done), ranks in alike.items())
+    disagree = {r for r, hb in live.items() if hb.get("collective") and hb["collective"]["signature"][0] not in
+                POINT_TO_POINT and any(
+        q in live and (live[q].get("collective") or {}).get("signature") != hb["collective"]["signature"]
+        for q in hb["collective"]["members"])}
+    if not disagree:
+        return places, []
+    groups = sorted((ranks for ranks in alike.values() if set(ranks) & disagree), key=len)
+    odd = groups[0] if len(groups) > 1 and len(groups[0]) < len(groups[1]) else []
+    return (f"{places}: the members of a group are in different collectives (a missing or mismatched collective)"
+            + (f", rank {', '.join(map(str, odd))} the odd one out" if odd else ""), odd)
+
+
+def verdict(message: str, culprits: list[int], silent: bool = False) -> dict:
+    """The watchdog's verdict: what it found, the ranks it names, and whether they went silent (dead)."""
+    return {"message": message, "culprits": culprits, "silent": silent}
 
 
 def append_line(path: Path, line: str) -> None:
@@ -157,6 +193,8 @@ class Watchdog:
         if self.world == 1:
             self._stop.set()  # no verdict on the way out: the command reports the error
             return
+        if self._ending.locked():  # the watchdog is ending this process over its verdict: this is a consequence
+            self._park()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # a stop signal now ends the process at once
             signal.signal(signum, lambda *_: self._exit(exit_code(e)))
         if not broken_collective(e):
@@ -235,17 +273,34 @@ class Watchdog:
             self._park()
         if first["rank"] != self.rank:
             say(f"{prefix()}: stopping because {describe(first)}")
+        self._dump(describe(first))
+        # the others read the failure from rank 0's store: it waits until they have
+        self._acknowledge(FAILURE_KEY, store or self._store, [first["rank"]] if self.rank == 0 else range(self.world))
+        self._exit(first["exit_code"])
+
+    def _acknowledge(self, key: str, store, excused) -> None:
+        """Say this rank has read ``key``, then wait (a few seconds at most) until every rank but the
+        ``excused`` has too; ``store`` may be a function that connects to it."""
         try:
-            store = store or self._store()
-            store.set(f"{FAILURE_KEY}/ack/{self.rank}", "1")
-            if self.rank == 0:  # the others read the failure from this process's store: wait until they have
-                others = [f"{FAILURE_KEY}/ack/{r}" for r in range(1, self.world) if r != first["rank"]]
-                deadline = time.monotonic() + ACK_WAIT_S
-                while others and not store.check(others) and time.monotonic() < deadline:
-                    time.sleep(0.05)
+            store = store() if callable(store) else store
+            store.set(f"{key}/ack/{self.rank}", "1")
+            others = [f"{key}/ack/{r}" for r in range(self.world) if r != self.rank and r not in excused]
+            deadline = time.monotonic() + ACK_WAIT_S
+            while others and not store.check(others) and time.monotonic() < deadline:
+                time.sleep(0.05)
         except Exception:  # noqa: BLE001 - the store is gone: nobody is left to wait for
             pass
-        self._exit(first["exit_code"])
+
+    def _dump(self, why: str) -> str:
+        """This rank's last collectives, written for the record; where they went (or why not)."""
+        path = self.failures_file.parent / "collectives" / f"rank-{self.rank}.json"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"rank": self.rank, "node": node_name(), "pid": os.getpid(), "step": self.step,
+                                        "phase": self.phase, "why": why, "collectives": RECORDER.dump()}, indent=1))
+            return str(path)
+        except OSError as e:  # the disk may be what failed: the verdict matters more
+            return f"not written: {e}"
 
     def _exit(self, code: int) -> None:
         for cleanup in self._cleanups:
@@ -269,8 +324,8 @@ class Watchdog:
         try:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=max(5, self.timeout)))
         except Exception as e:  # noqa: BLE001 - any failure to connect is reported the same way
-            self._abort(f"rank {self.rank}: cannot reach the watchdog store of rank 0 at {self.address} ({e})", [],
-                        None)
+            self._abort(verdict(f"rank {self.rank}: cannot reach the watchdog store of rank 0 at {self.address} ({e})",
+                                []), None)
             return
         me = {"node": node_name(), "pid": os.getpid()}
         seen: dict[int, dict] = {}
@@ -281,14 +336,16 @@ class Watchdog:
                 if store.check([FAILURE_KEY]):
                     self._end(json.loads(store.get(FAILURE_KEY)), store)
                 if store.check([ABORT_KEY]):
-                    verdict = json.loads(store.get(ABORT_KEY))
-                    self._abort(verdict["message"], verdict["culprits"], store)
+                    self._abort(json.loads(store.get(ABORT_KEY)), store)
                 if time.monotonic() < next_beat:
                     continue
                 next_beat = time.monotonic() + self.interval
+                last = RECORDER.last()
                 store.set(f"megalm/watchdog/hb/{self.rank}", json.dumps(
                     {**me, "step": self.step, "phase": self.phase, "beat": time.time(),
-                     "progress": self.progress_at, "finished": self.finished}))
+                     "progress": self.progress_at, "finished": self.finished,
+                     "collective": last and {"what": last.what(), "signature": last.signature(),
+                                             "members": last.members, "done": last.duration_s is not None}}))
                 for r in watched:
                     if store.check([f"megalm/watchdog/hb/{r}"]):
                         seen[r] = json.loads(store.get(f"megalm/watchdog/hb/{r}"))
@@ -296,27 +353,26 @@ class Watchdog:
                 if self._stop.is_set():
                     return
                 last = seen.get(0, {})
-                self._abort(f"lost rank 0 ({last.get('node', '?')}, pid {last.get('pid', '?')}, last at step "
-                            f"{last.get('step', '?')}): its watchdog store at {self.address} stopped answering "
-                            f"(killed, out of memory, or its node failed)", [0], None)
-            verdict = self._judge(seen, watched) if self.armed else None
-            if verdict is not None:
-                message, culprits = verdict
-                posted = json.dumps({"message": message, "culprits": culprits})
+                self._abort(verdict(f"lost rank 0 ({last.get('node', '?')}, pid {last.get('pid', '?')}, last at step "
+                                    f"{last.get('step', '?')}): its watchdog store at {self.address} stopped "
+                                    f"answering (killed, out of memory, or its node failed)", [0], silent=True), None)
+            judged = self._judge(seen, watched) if self.armed else None
+            if judged is not None:
+                posted = json.dumps(judged)
                 if store.compare_set(ABORT_KEY, "", posted).decode() == posted:  # the first verdict is recorded
-                    append_line(self.failures_file, f"watchdog: {message}")
-                self._abort(message, culprits, store)
+                    append_line(self.failures_file, f"watchdog: {judged['message']}")
+                self._abort(judged, store)
 
-    def _judge(self, seen: dict[int, dict], watched) -> tuple[str, list[int]] | None:
+    def _judge(self, seen: dict[int, dict], watched) -> dict | None:
         now = time.time()
         live = {r: hb for r, hb in seen.items() if not hb["finished"]}
         silent = [r for r in watched if r in live and now - live[r]["beat"] > self.timeout]
         if silent:
             r = min(silent, key=lambda r: live[r]["beat"])  # the first to stop
             hb = live[r]
-            return (f"rank {r} on {hb['node']} (pid {hb['pid']}) stopped responding at step {hb['step']} "
-                    f"({hb['phase']}): no heartbeat for {now - hb['beat']:.0f} s (killed, out of memory, or "
-                    f"stopped)", [r])
+            return verdict(f"rank {r} on {hb['node']} (pid {hb['pid']}) stopped responding at step {hb['step']} "
+                           f"({hb['phase']}): no heartbeat for {now - hb['beat']:.0f} s (killed, out of memory, or "
+                           f"stopped)", [r], silent=True)
         if self.rank != 0:
             return None
         # stuck: alive (still beating) but not moving; a rank that also stopped beating is judged
@@ -330,22 +386,31 @@ class Watchdog:
         # a rank stuck outside collectives (reading data) holds up the ones waiting for it inside one
         named = [r for r in named if live[r]["phase"] in SOLO_PHASES] or named
         if len(named) == len(live) == self.world > 1:
-            return (f"every rank is stuck at step {behind} ({live[0]['phase']}) with no progress for "
-                    f"{now - max(hb['progress'] for hb in live.values()):.0f} s: a collective hang", named)
+            where, odd = waiting_in(live)
+            return verdict(f"every rank is stuck at step {behind} ({live[0]['phase']}) with no progress for "
+                           f"{now - max(hb['progress'] for hb in live.values()):.0f} s: a collective hang; {where}",
+                           odd or named)
         r = named[0]
         hb = live[r]
-        return (f"rank {r} on {hb['node']} (pid {hb['pid']}) is stuck at step {hb['step']} in {hb['phase']}: no "
-                f"progress for {now - hb['progress']:.0f} s" + (f" (and ranks {named[1:]})" if len(named) > 1 else ""),
-                named)
+        return verdict(f"rank {r} on {hb['node']} (pid {hb['pid']}) is stuck at step {hb['step']} in {hb['phase']}: "
+                       f"no progress for {now - hb['progress']:.0f} s" +
+                       (f" (and ranks {named[1:]})" if len(named) > 1 else ""), named)
 
-    def _abort(self, message: str, culprits: list[int], store: dist.TCPStore | None) -> None:
+    def _abort(self, verdict: dict, store: dist.TCPStore | None) -> None:
         """End this process over the watchdog's verdict (exit code 3)."""
         if not self._ending.acquire(blocking=False):
             self._park()
+        message, culprits = verdict["message"], verdict["culprits"]
         if self.rank in culprits or (not culprits and self.rank == 0):
             say(f"{prefix()}: watchdog: this rank is named; where its threads are:")
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        dumped = self._dump(f"watchdog: {message}")
+        newest = list(RECORDER.entries)[-SHOWN:]
+        say(f"{prefix()}: its newest collectives ({dumped}): " + "; ".join(f"#{e.seq} step {e.step} {e.describe()}"
+                                                                         for e in newest) if newest else
+            f"{prefix()}: no collective on record")
         say(f"{prefix()}: watchdog: {message}; ending the run (exit code {EXIT_WATCHDOG})")
-        if self.rank == 0 and store is not None:  # the store lives here: let the others read the verdict first
-            time.sleep(2 * TICK_S + 1)
+        if store is not None:  # every rank shows its collectives before any leaves (a launcher stops them all
+            # when one process ends); a dead rank is not waited for
+            self._acknowledge(ABORT_KEY, store, culprits if verdict["silent"] else [])
         self._exit(EXIT_WATCHDOG)
