@@ -239,9 +239,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SlurmConfig:
     max_requeues: int = field(3, "requeues in a row that end at the same step before the job gives up")
-    max_restarts: int = field(3, "a one-node run whose rank died without a word (killed, out of memory) or was "
-                                 "ended by the watchdog is restarted this many times, from its newest checkpoint, "
-                                 "without a requeue")
+    max_restarts: int = field(3, "a run whose rank died without a word (killed, out of memory), whose node failed, or "
+                                 "that the watchdog ended is restarted this many times, from its newest checkpoint, "
+                                 "without a requeue: by the node launcher on one node, as a new job step (a spare "
+                                 "node replacing a failed one) on several")
     signal_lead_s: int = field(180, "seconds before the time limit that Slurm signals the job to save and requeue")
     rdzv_wait_s: int = field(120, "how long a node waits for the rendezvous on the first node before failing")
 

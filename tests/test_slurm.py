@@ -3,6 +3,8 @@
 save, the job requeues itself and resumes on the uninterrupted loss curve; a killed rank and a
 stopped rank end the job within the watchdog's timeout, named."""
 
+import contextlib
+import json
 import os
 import re
 import subprocess
@@ -15,7 +17,8 @@ import pytest
 
 from megalm.checkpoint import catalog
 from megalm.checkpoint.meta import CheckpointMeta, Layout
-from megalm.cluster import requeue
+from megalm.cluster import requeue, restart
+from megalm.config import load_config
 from tests.helpers import CONFIG, REPO, TINY, denied, env, metrics, torchrun
 
 START, STOP = REPO / "slurm/testcluster/start.sh", REPO / "slurm/testcluster/stop.sh"
@@ -31,7 +34,7 @@ def slurm(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
     e = {**env(), "MEGALM_SLURM_DIR": str(state), "SLURM_CONF": str(state / "slurm.conf"),
          "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the jobs' python3 is this one
-    subprocess.run(["bash", str(START), "2"], env=e, check=True, timeout=300)
+    subprocess.run(["bash", str(START), "3"], env=e, check=True, timeout=300)  # (the third: a spare)
     yield e
     subprocess.run(["bash", str(STOP)], env=e, timeout=120)
 
@@ -96,7 +99,7 @@ def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_arg
     # one-minute job again within seconds), resumes, and goes on until it is cancelled.
     wait_until(lambda: "requeueing to resume" in job_log(run_dir), 150, "the time limit to requeue the job")
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=slurm, check=True)
-    wait_until(lambda: "(restart 1)" in job_log(run_dir) and "resume: from" in job_log(run_dir).split("(restart 1)")[1],
+    wait_until(lambda: "(requeue 1)" in job_log(run_dir) and "resume: from" in job_log(run_dir).split("(requeue 1)")[1],
                120, "the requeued job to resume")
     resumed = int(re.search(r"resume: from \S+step_(\d+)", job_log(run_dir)).group(1))
     wait_until(lambda: len(steps_logged(run_dir)) >= resumed + 10, 60, "steps after the resume")
@@ -104,10 +107,10 @@ def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_arg
     wait_until(lambda: not running(slurm, job), 90, "the cancelled job to end")
     wall = time.monotonic() - started
     log = job_log(run_dir)
-    first_job = log.split("(restart 1)")[0]
+    first_job = log.split("(requeue 1)")[0]
     assert "USR1 (time limit near, or preemption)" in first_job and "requeueing to resume" in first_job
     assert f"stopped at step {resumed} of 100000 after a signal" in first_job
-    assert "TERM (cancelled): every rank saves and stops" in log and "(restart 2)" not in log
+    assert "TERM (cancelled): every rank saves and stops" in log and "(requeue 2)" not in log
     final = catalog.newest_first(catalog.checkpoint_root(run_dir))[0]
     last = int(final.name.removeprefix("step_"))
     assert last > resumed + 5, "the cancel's save"
@@ -123,33 +126,52 @@ def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_arg
 
 
 @pytest.mark.slow
-def test_a_killed_and_a_stopped_rank_are_named_and_end_their_jobs(slurm, data_args, tmp_path):
-    """Two jobs at once: rank 1 of one is killed (SIGKILL), rank 1 of the other stopped (SIGSTOP)."""
-    jobs = {}
-    for how in ("kill", "stop"):
-        run_dir = tmp_path / how
-        jobs[how] = (run_dir, submit(slurm, CONFIG, *TINY, *data_args, *LONG, f"train.run_dir={run_dir}",
-                                     "train.watchdog_timeout_s=8", "slurm.max_requeues=0", "--nodes", "2",
-                                     "--gpus-per-node", "1", "--cpu", "--time", "10"))
-    for run_dir, _ in jobs.values():
-        wait_until(lambda: len(steps_logged(run_dir)) >= 40, 120, "training to start")
-    victims = {how: rank_process(job, 1) for how, (_, job) in jobs.items()}
+def test_a_killed_node_is_replaced_by_a_spare_and_a_stopped_rank_named(slurm, data_args, tmp_path):
+    """Two jobs at once. Of the first, with a spare node, node2 is killed (its launcher, torchrun and
+    rank, SIGKILL): the job starts its step again on node1 and the spare node3, from the newest
+    checkpoint, and the run finishes. Rank 1 of the other is stopped (SIGSTOP), with no restart
+    left (slurm.max_restarts=0): the watchdog names it and the job ends."""
+    kill_dir, stop_dir = tmp_path / "kill", tmp_path / "stop"
+    common = [CONFIG, *TINY, *data_args, *LONG, "train.watchdog_timeout_s=8", "slurm.max_requeues=0", "--nodes", "2",
+              "--gpus-per-node", "1", "--cpu", "--time", "10"]
+    kill_job = submit(slurm, *common, f"train.run_dir={kill_dir}", "train.steps=120", "train.save_every=20",
+                      "--spare-nodes", "1")
+    stop_job = submit(slurm, *common, f"train.run_dir={stop_dir}", "slurm.max_restarts=0")
+    for run_dir in (kill_dir, stop_dir):
+        wait_until(lambda: len(steps_logged(run_dir)) >= 30, 120, "training to start")
+    node2 = [p for p in psutil.process_iter(["cmdline"]) if "megalm.cluster.node" in " ".join(p.info["cmdline"] or [])
+             and p.environ().get("SLURM_JOB_ID") == kill_job and p.environ().get("SLURMD_NODENAME") == "node2"]
+    tree = [p for launcher in node2 for p in [launcher, *launcher.children(recursive=True)]]
+    victim = rank_process(stop_job, 1)
     hit = time.monotonic()
-    victims["kill"].kill()
-    victims["stop"].suspend()
-    for how, (run_dir, job) in jobs.items():
-        wait_until(lambda: not running(slurm, job), 120, f"the {how} job to end")
-        ended_after = time.monotonic() - hit
-        log = job_log(run_dir)
-        named = re.search(r"watchdog: rank 1 on node\d \(pid (\d+)\) stopped responding at step (\d+)", log)
-        assert named and int(named.group(1)) == victims[how].pid, log[-3000:]
-        assert 0 < int(named.group(2)) <= max(steps_logged(run_dir))  # its last heartbeat's step
-        assert "not requeueing" in log and "slurm.max_requeues=0" in log
-        assert ended_after < 8 + 30, ended_after  # the watchdog's timeout, its interval and the job's teardown
-        assert gone(victims[how].pid), "the stopped rank was left behind"
-        assert "watchdog: rank 1 on node" in (run_dir / "failures.txt").read_text()
-        assert "megalm node: training failed: watchdog: rank 1 on node" in log
-        print(f"\n{how}: the job ended {ended_after:.0f} s after its rank 1 was hit")
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):  # (a short-lived child may be gone already)
+            p.kill()
+    victim.suspend()
+
+    wait_until(lambda: not running(slurm, stop_job), 120, "the stopped job to end")
+    ended_after = time.monotonic() - hit
+    log = job_log(stop_dir)
+    named = re.search(r"watchdog: rank 1 on node\d \(pid (\d+)\) stopped responding at step (\d+)", log)
+    assert named and int(named.group(1)) == victim.pid, log[-3000:]
+    assert 0 < int(named.group(2)) <= max(steps_logged(stop_dir))  # its last heartbeat's step
+    assert "not restarting: 0 restarts in this job already (slurm.max_restarts)" in log
+    assert "not requeueing" in log and "slurm.max_requeues=0" in log
+    assert ended_after < 8 + 30, ended_after  # the watchdog's timeout, its interval and the job's teardown
+    assert gone(victim.pid), "the stopped rank was left behind"
+    assert "watchdog: rank 1 on node" in (stop_dir / "failures.txt").read_text()
+    assert "megalm node: training failed: watchdog: rank 1 on node" in log
+
+    wait_until(lambda: not running(slurm, kill_job), 180, "the job with a killed node to finish")
+    log = job_log(kill_dir)
+    assert len(tree) >= 3 and (f"megalm job: restarting on node1,node3 from the newest checkpoint (restart 1 of at "
+                               f"most 3, slurm.max_restarts); node2: its launcher never reported back (the node or its "
+                               f"processes died); left out, the spare node3 takes its place") in log, log[-4000:]
+    again = log.split("megalm job: restarting on node1,node3")[1]
+    assert f"step {kill_job}.1 on node1,node3" in again and "resume: from " in again
+    assert "finished: the newest checkpoint is at step 120 of 120" in log
+    assert steps_logged(kill_dir)[-1] == 120 and sorted(set(steps_logged(kill_dir))) == list(range(1, 121))
+    print(f"\nstop: the job ended {ended_after:.0f} s after its rank 1 was stopped; kill: node2 replaced, finished")
 
 
 @pytest.mark.slow
@@ -201,6 +223,39 @@ def test_requeue_decisions(tmp_path):
     assert again is False and why.startswith("finished")
 
 
+def test_restart_decisions(tmp_path):
+    """A node that never reported is replaced by a spare while one is left, else used again; a node
+    the watchdog named likewise; a rank's own error, a stop and the restart cap end the restarts."""
+    run_dir = tmp_path / "run"
+    cfg = load_config(str(REPO / CONFIG), [f"train.run_dir={run_dir}", "slurm.max_restarts=2"])
+    verdict = "2026-12-03T16:00:00+00:00 watchdog: rank 3 on n2 (pid 77) stopped responding at step 9 (...)"
+
+    def ended(step: str, node: str, *why: str, code: int = 3) -> None:
+        folder = restart.step_dir(run_dir, step)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{node}.json").write_text(json.dumps({"node": node, "exit_code": code, "why": list(why)}))
+
+    nodes, allocation = ["n1", "n2"], ["n1", "n2", "n3"]
+    ended("7.0", "n1")  # n2 never reported
+    following, left_out, why = restart.decide(cfg, "7.0", 137, 0, nodes, allocation, [])
+    assert (following, left_out) == (["n1", "n3"], ["n2"]), why
+    assert why.endswith("(restart 1 of at most 2, slurm.max_restarts); n2: its launcher never reported back (the "
+                        "node or its processes died); left out, the spare n3 takes its place")
+    ended("7.1", "n1", verdict.replace("n2", "n3"))
+    ended("7.1", "n3", verdict.replace("n2", "n3"))  # named by the watchdog, and no spare left
+    following, left_out, why = restart.decide(cfg, "7.1", 3, 1, ["n1", "n3"], allocation, ["n2"])
+    assert (following, left_out) == (["n1", "n3"], ["n2"]) and "n3: the watchdog named it; no spare node left" in why
+    assert restart.decide(cfg, "7.1", 3, 2, ["n1", "n3"], allocation, ["n2"])[2] == \
+        "not restarting: 2 restarts in this job already (slurm.max_restarts)"
+    ended("8.0", "n1", "2026-12-03T16:00:00+00:00 shard pipe: ...", code=1)
+    ended("8.0", "n2", code=1)
+    assert restart.decide(cfg, "8.0", 1, 0, nodes, allocation, [])[2] == \
+        "not restarting: a rank's own error would happen again: shard pipe: ..."
+    ended("9.0", "n1", code=75)
+    ended("9.0", "n2", code=75)
+    assert restart.decide(cfg, "9.0", 75, 0, nodes, allocation, [])[0] is None  # stopped by a signal
+
+
 def node_launcher(*args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megalm.cluster.node", *args], cwd=REPO, capture_output=True,
                           text=True, env={**env(), **(extra_env or {})}, timeout=120)
@@ -244,7 +299,11 @@ def test_submit_writes_the_job_for_the_run(tmp_path):
                  "export MEGALM_GPUS_PER_NODE=8", "--container-image=nvcr.io#me/megalm",
                  f"set -- {(REPO / CONFIG).resolve()} train.run_dir={run_dir} train.steps=5000 train.global_batch=32"]:
         assert line in job, line
-    assert job.endswith((REPO / "megalm/cluster/job.sh").read_text())
+    assert job.endswith((REPO / "megalm/cluster/job.sh").read_text()) and "--no-kill" not in job
+    spare = subprocess.run([*args, "--spare-nodes", "1"], cwd=REPO, capture_output=True, text=True, env=env())
+    assert spare.returncode == 0, spare.stderr
+    job = (run_dir / "slurm" / "job.sbatch").read_text()
+    assert all(line in job for line in ("#SBATCH --nodes=5", "#SBATCH --no-kill", "export MEGALM_SPARE_NODES=1"))
     # a signal lead as long as the time limit would stop the job as it starts
     bad = subprocess.run([*args, "--time", "2"], cwd=REPO, capture_output=True, text=True, env=env())
     assert bad.returncode == 2 and "slurm.signal_lead_s: 180 s is not shorter than the time limit 2 (120 s)" in bad.stderr

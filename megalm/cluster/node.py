@@ -11,8 +11,10 @@ SIGUSR1, SIGTERM and SIGINT to the workers itself (see ``Forwarder``), once each
 
 A rank that dies without a word (killed, out of memory) or a run the watchdog ends is restarted
 on a one-node run, from its newest checkpoint, up to ``slurm.max_restarts`` times (``restartable``);
-a rank's own error is not (it would only happen again), nor is a run stopped by a signal. A run of
-several nodes is requeued instead, as before: its nodes would have to restart together.
+a rank's own error is not (it would only happen again), nor is a run stopped by a signal. The nodes
+of a run of several restart together, in a fresh rendezvous: the job script starts its step again
+(megalm/cluster/job.sh, restart.py), reading how each node ended from the record this launcher
+writes in ``RUN_DIR/slurm/steps/STEP/NODE.json``.
 
 When training ends badly the launcher's last line says why: the first failure or the watchdog's
 verdict, as the ranks recorded it in ``RUN_DIR/failures.txt``. Its exit code is the run's (see
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"megalm preflight: {line}")
     except (ConfigError, PreflightError) as e:
         say(f"megalm preflight: error: {e}")
+        if isinstance(e, PreflightError):  # (the config was read: its run dir is known)
+            record(cfg, EXIT_USAGE, [f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} preflight: {e}"],
+                   False)
         return EXIT_USAGE
     failures = Path(cfg.train.run_dir) / FAILURES_FILE
     for restart in range(cfg.slurm.max_restarts + 1):
@@ -136,11 +143,31 @@ def main(argv: list[str] | None = None) -> int:
         say(f"megalm node: {why[0].split(' ', 1)[1] if why else 'a training process died without a word'} "
             f"({time.monotonic() - started:.0f} s in); restarting the ranks from the newest checkpoint "
             f"(restart {restart + 1} of at most {cfg.slurm.max_restarts}, slurm.max_restarts)")
-    if torchrun.returncode == 0:
+    code = ended(args, cfg, torchrun.returncode, why, before, stopped)
+    record(cfg, code, why, bool(stopped))
+    return code
+
+
+def record(cfg, code: int, why: list[str], stopped: bool) -> None:
+    """How this node's part of a Slurm job step ended, for the job script to decide whether the
+    nodes restart together (megalm/cluster/restart.py); ``why``: its failure lines."""
+    from megalm.parallel.distributed import node_name
+
+    step = os.environ.get("MEGALM_STEP")
+    if step:
+        path = Path(cfg.train.run_dir) / "slurm" / "steps" / step / f"{node_name()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"node": node_name(), "exit_code": code, "why": why, "stopped": stopped}))
+
+
+def ended(args, cfg, returncode: int, why: list[str], before: int, stopped) -> int:
+    """The launcher's last line and exit code when training ended (``why``: its new failure lines)."""
+    failures = Path(cfg.train.run_dir) / FAILURES_FILE
+    if returncode == 0:
         return 0
     if not why and args.nnodes > 1 and cfg.train.watchdog_timeout_s and not stopped:
         # this node's ranks died without a word: the watchdog on the other nodes names the culprit
-        why = await_verdict(failures, before, cfg.train.watchdog_timeout_s + 30)
+        why[:] = await_verdict(failures, before, cfg.train.watchdog_timeout_s + 30)
     if why:
         line = why[0].split(" ", 1)[1]  # after its date
         say(f"megalm node: training failed: {line}")
@@ -149,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"megalm node: training stopped after a signal, with its checkpoint saved; run the same command again "
               f"to resume (exit code {EXIT_STOPPED})")
         return EXIT_STOPPED
-    return torchrun.returncode
+    return returncode
 
 
 def restartable(args, why: list[str]) -> bool:

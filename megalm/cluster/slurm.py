@@ -1,6 +1,6 @@
 """``megalm slurm submit``: write the Slurm job for a run into its run dir, and submit it.
 
-    megalm slurm submit CONFIG --nodes N --gpus-per-node G --time T [--partition P]
+    megalm slurm submit CONFIG --nodes N --gpus-per-node G --time T [--spare-nodes K] [--partition P]
         [--container-image IMG [--container-mounts M]] [--cpu] [overrides]
 
 The script (``RUN_DIR/slurm/job.sbatch``) is the run's #SBATCH lines and arguments above the job
@@ -27,7 +27,9 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="megalm slurm submit", description=__doc__.splitlines()[0])
     p.add_argument("config", help="run YAML or a shipped run's name")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=5000")
-    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--nodes", type=int, required=True, help="nodes that train")
+    p.add_argument("--spare-nodes", type=int, default=0, help="extra nodes held in the allocation: one takes the "
+                                                              "place of a node that fails, without a requeue")
     p.add_argument("--gpus-per-node", type=int, required=True, help="processes per node (GPUs, or CPU ranks with --cpu)")
     p.add_argument("--time", required=True, help="time limit, e.g. 4:00:00; the job requeues itself before it")
     p.add_argument("--partition")
@@ -44,15 +46,18 @@ def script(args, cfg: Config, config_arg: str) -> str:
     """The job script for this run."""
     run_dir = Path(cfg.train.run_dir).resolve()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_dir.name)
-    sbatch = [f"--job-name=megalm-{name}", f"--nodes={args.nodes}", "--ntasks-per-node=1", f"--time={args.time}",
+    sbatch = [f"--job-name=megalm-{name}", f"--nodes={args.nodes + args.spare_nodes}", "--ntasks-per-node=1",
+              f"--time={args.time}",
               f"--signal=B:USR1@{cfg.slurm.signal_lead_s}", "--requeue", "--open-mode=append",
               f"--output={run_dir}/slurm/%x-%j.out", f"--chdir={Path.cwd()}"]
+    if args.spare_nodes:
+        sbatch.append("--no-kill")  # a node that fails leaves the job its other nodes, for the spare to join
     if not args.cpu:
         sbatch.append(f"--gpus-per-node={args.gpus_per_node}")
     sbatch += [f"--partition={args.partition}"] * bool(args.partition) + [f"--account={args.account}"] * bool(args.account)
     sbatch += args.sbatch
     env = {"MEGALM_GPUS_PER_NODE": "0" if args.cpu else str(args.gpus_per_node),
-           "MEGALM_PROCS_PER_NODE": str(args.gpus_per_node)}
+           "MEGALM_PROCS_PER_NODE": str(args.gpus_per_node), "MEGALM_SPARE_NODES": str(args.spare_nodes)}
     if args.container_image:
         mounts = args.container_mounts or f"{Path.cwd()}:{Path.cwd()}"
         env["MEGALM_CONTAINER_FLAGS"] = (f"--container-image={args.container_image} --container-mounts={mounts} "
@@ -98,7 +103,8 @@ def submit(argv: list[str]) -> int:
         raise SlurmError(f"sbatch refused {job}: {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
     name = next(line.split("=", 1)[1] for line in job.read_text().splitlines() if line.startswith("#SBATCH --job-name="))
-    print(f"submitted job {job_id}: {args.nodes} nodes x {args.gpus_per_node} {'CPU ranks' if args.cpu else 'GPUs'}, "
+    print(f"submitted job {job_id}: {args.nodes} nodes x {args.gpus_per_node} {'CPU ranks' if args.cpu else 'GPUs'}"
+          f"{f' (and {args.spare_nodes} spare nodes)' if args.spare_nodes else ''}, "
           f"time limit {args.time}\n  script      {job}\n  log         {run_dir}/slurm/{name}-{job_id}.out\n"
           f"  checkpoints {run_dir}/checkpoints   (megalm ckpt list {run_dir})")
     return 0
