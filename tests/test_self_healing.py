@@ -47,12 +47,14 @@ def test_faults_are_read_or_refused():
 def test_a_non_finite_step_is_skipped_on_every_rank_and_changes_nothing(data_args, tmp_path):
     """A NaN loss at step 3 and an infinite one at step 4, on one rank: both steps skip
     the update on every rank, so checkpoints 2, 3 and 4 hold bit-identical weights, Adam moments
-    and Adam step count; step 5 trains again; the log and the metrics say which steps and why."""
+    and Adam step count; step 5 trains again; the log and the metrics say which steps and why.
+    Then a loss spike (20 x) at step 8 on that rank rolls the run back to step 7 in every layout."""
     for name, (nproc, overrides, rank) in LAYOUTS.items():
         run_dir = tmp_path / name.split(" (")[0].replace(" ", "").replace(",", "_")
         args = ["train", CONFIG, *TINY, *data_args, *overrides, f"train.run_dir={run_dir}", "train.save_every=1",
-                "train.keep_checkpoints=10", "train.eval_every=5", "train.log_every=5"]
-        faults = {"MEGALM_FAULTS": f"nan@3:rank={rank},inf@4:rank={rank}"}
+                "train.keep_checkpoints=10", "train.eval_every=9", "train.log_every=5", "train.steps=9",
+                "train.spike.warmup=5", "train.spike.window=3"]
+        faults = {"MEGALM_FAULTS": f"nan@3:rank={rank},inf@4:rank={rank},scale=20@8:rank={rank}"}
         log = (run_megalm(*args, extra_env=faults) if nproc == 1 else torchrun(nproc, *args, extra_env=faults)).stderr
         assert "step 3 skipped: a non-finite loss or gradient (gradient norm " in log, (name, log[-3000:])
         assert "step 4 skipped: " in log and "weights, Adam moments and Adam's step count are unchanged" in log
@@ -68,6 +70,8 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_changes_nothing(data_arg
         assert rows[3]["skipped"] == [3] and rows[4]["skipped"] == [4] and rows[4]["loss"] is None, name
         assert rows[3]["loss"] > 0 and rows[4]["nonfinite"] == ["loss", "grad_norm"], name
         assert rows[5]["skipped_steps"] == 2 and rows[5]["loss"] > 0 and "skipped" not in rows[5], name
+        assert "rollback 1 of at most 3: step 8: a loss spike: " in log and "back to step_00000007 in " in log, name
+        assert rows[9]["rollbacks"] == 1 and rows[9]["skipped_steps"] == 3, (name, rows[9])
 
 
 def final_state(run_dir, step: int) -> dict[str, list[torch.Tensor]]:

@@ -352,7 +352,10 @@ class Trainer:
                                    f"{', '.join(map(str, anomaly.steps))} and at the learning rate")
         started = time.perf_counter()
         self.checkpointer.wait()
-        target = catalog.newest_before(self.checkpointer.root, anomaly.first)
+        # rank 0 commits a save once every rank wrote it: its view of the checkpoints is the one
+        decided = [catalog.newest_before(self.checkpointer.root, anomaly.first)]
+        dist.broadcast_object_list(decided, src=0)
+        target = decided[0]
         if target is None:
             if self.world.is_main:
                 log.warning("step %d: %s; no checkpoint from before step %d to roll back to (train.save_every), "
