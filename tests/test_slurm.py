@@ -164,9 +164,9 @@ def test_a_killed_node_is_replaced_by_a_spare_and_a_stopped_rank_named(slurm, da
 
     wait_until(lambda: not running(slurm, kill_job), 180, "the job with a killed node to finish")
     log = job_log(kill_dir)
-    assert len(tree) >= 3 and (f"megalm job: restarting on node1,node3 from the newest checkpoint (restart 1 of at "
-                               f"most 3, slurm.max_restarts); node2: its launcher never reported back (the node or its "
-                               f"processes died); left out, the spare node3 takes its place") in log, log[-4000:]
+    assert len(tree) >= 3 and ("megalm job: restarting on node1,node3 from the newest checkpoint (restart 1 of at "
+                               "most 3, slurm.max_restarts); node2: its launcher never reported back (the node or its "
+                               "processes died); left out, the spare node3 takes its place") in log, log[-4000:]
     again = log.split("megalm job: restarting on node1,node3")[1]
     assert f"step {kill_job}.1 on node1,node3" in again and "resume: from " in again
     assert "finished: the newest checkpoint is at step 120 of 120" in log

@@ -50,9 +50,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, D)
-        t = x.shape[-2]
-        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+        t = x.shape[1]
+        cos, sin = self.cos[:t, None].to(x.dtype), self.sin[:t, None].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -77,7 +77,6 @@ class Attention(nn.Module):
         self.q = ColumnParallelLinear(cfg.d_model, [cfg.n_heads * cfg.head_dim], bias, tp, cfg.init_std)
         if self.split_kv:
             self.kv = ColumnParallelLinear(cfg.d_model, [kv_width, kv_width], bias, tp, cfg.init_std)
-            self.local_kv_heads = cfg.kv_heads // tp.size
         else:
             self.kv = nn.Linear(cfg.d_model, 2 * kv_width, bias=bias)
             self.kv.weight.init_std = cfg.init_std
@@ -91,24 +90,29 @@ class Attention(nn.Module):
         self.selective_checkpoint = False  # set by the model: recompute the attention core in backward
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, _ = x.shape
+    def _kv_linear(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The key/value projection's weight and bias; replicated ones are shared by the region."""
         if self.split_kv:
-            k, v = self.kv(x).chunk(2, dim=-1)
-            heads = self.local_kv_heads
-        else:
-            weight = self.tp.shared_weight(self.kv.weight)
-            bias = None if self.kv.bias is None else self.tp.shared_weight(self.kv.bias)
-            k, v = F.linear(x, weight, bias).chunk(2, dim=-1)
-            heads = k.shape[-1] // self.head_dim
-            k = k.view(b, t, heads, self.head_dim)[:, :, self.kv_head:self.kv_head + 1].reshape(b, t, -1)
-            v = v.view(b, t, heads, self.head_dim)[:, :, self.kv_head:self.kv_head + 1].reshape(b, t, -1)
-            heads = 1
-        return (k.view(b, t, heads, self.head_dim).transpose(1, 2), v.view(b, t, heads, self.head_dim).transpose(1, 2))
+            return self.kv.weight, self.kv.bias
+        bias = None if self.kv.bias is None else self.tp.shared_weight(self.kv.bias)
+        return self.tp.shared_weight(self.kv.weight), bias
+
+    def _keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, T, heads, D) of the key/value projection's output."""
+        b, t, _ = kv.shape
+        k, v = (part.view(b, t, -1, self.head_dim) for part in kv.chunk(2, dim=-1))
+        if not self.split_kv:  # a copy of the head this rank uses: a view would keep all of them for backward
+            one = slice(self.kv_head, self.kv_head + 1)
+            k, v = k[:, :, one].contiguous(), v[:, :, one].contiguous()
+        return k, v
 
     def _core(self, q, k, v, padding=None):
+        """Attention over q, k, v (B, T, heads, D). The output (B, heads, T, D) is laid out in memory as
+        q, (B, T, heads, D), so the output projection's input is a view of it: one tensor kept for backward."""
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            # v is a view of the key/value projection: kept for backward, it would keep the unrotated keys too
+            q, k, v = self.rotary(q), self.rotary(k), v.contiguous()
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if padding is not None and not self.causal:
             # Bidirectional attention over right-padded rows must not look at the padding; the fused
             # kernels take no mask, so SDPA's masked path runs (task heads only, never pretraining).
@@ -117,10 +121,10 @@ class Attention(nn.Module):
         return megalm_kernels.attention(q, k, v, causal=self.causal, impl=self.impl)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.tp.enter(x)
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.local_heads, self.head_dim).transpose(1, 2)
-        k, v = self._keys_values(x)
+        q, kv = self.tp.column_parallel(x, (self.q.weight, self.q.bias), self._kv_linear())  # one gather with SP
+        b, t, _ = q.shape
+        q = q.view(b, t, self.local_heads, self.head_dim)
+        k, v = self._keys_values(kv)
         if self.selective_checkpoint and torch.is_grad_enabled():
             y = checkpoint(self._core, q, k, v, padding, use_reentrant=False)
         else:
@@ -129,12 +133,29 @@ class Attention(nn.Module):
         return self.dropout(self.out(y))
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * value of the two halves of the up projection, keeping only that projection for
+    backward, where silu is recomputed (as Megatron's fused SwiGLU): autograd would also keep
+    silu(gate), a third more of the MLP's activations."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        gate, value = h.chunk(2, dim=-1)
+        return F.silu(gate) * value
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, value = ctx.saved_tensors[0].chunk(2, dim=-1)
+        sigmoid = torch.sigmoid(gate)
+        return torch.cat((grad * value * sigmoid * (1 + gate * (1 - sigmoid)), grad * gate * sigmoid), dim=-1)
+
+
 class MLP(nn.Module):
     """GELU MLP (gpt2 style) or SwiGLU (llama style), its hidden dim split over ranks."""
 
     def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
-        self.tp = tp
         self.gated = cfg.style == "llama"
         bias = cfg.style == "gpt2"
         parts = [cfg.ffn_dim, cfg.ffn_dim] if self.gated else [cfg.ffn_dim]
@@ -143,12 +164,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(self.tp.enter(x))
-        if self.gated:
-            gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
-        else:
-            h = F.gelu(h, approximate="tanh")
+        h = self.up(x)
+        h = _SwiGLU.apply(h) if self.gated else F.gelu(h, approximate="tanh")
         return self.dropout(self.down(h))
 
 
@@ -174,7 +191,7 @@ class Embedding(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The tied output head: this rank's vocabulary slice of the logits."""
-        return F.linear(self.tp.enter(x), self.tok.weight)
+        return self.tp.column_parallel(x, (self.tok.weight, None))[0]
 
 
 class Block(nn.Module):
@@ -221,7 +238,7 @@ class Head(nn.Module):
         init_layer(self, layer_id, seed, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.tp.enter(x))
+        return self.proj(x)
 
 
 class LossFunction:

@@ -2,21 +2,31 @@
 linear layers, a vocabulary-parallel embedding and cross-entropy, and layout-independent init.
 
 A tensor-parallel region (attention over a slice of the heads, the MLP over a slice of its hidden
-dim) is entered and left through exactly one collective each, so they are easy to see:
+dim) is entered through its column-parallel linears and left through its row-parallel one, and
+these edges hold all of its collectives, so they are easy to see:
 
-=================  ==========================================  ==================================
+=================  ==========================================  ==========================================
                    forward                                      backward
-=================  ==========================================  ==================================
+=================  ==========================================  ==========================================
 enter (no SP)      identity                                     all-reduce the input's gradient
 exit  (no SP)      all-reduce the partial outputs               identity
-enter (SP)         all-gather the sequence shards               reduce-scatter along the sequence
+enter (SP)         all-gather the sequence shards               all-gather them again; reduce-scatter the
+                                                                input's gradient along the sequence
 exit  (SP)         reduce-scatter along the sequence            all-gather
-=================  ==========================================  ==================================
+=================  ==========================================  ==========================================
 
 With sequence parallelism (SP) the activations between regions (norms, residuals, dropout) hold
 only ``seq_len / tp`` positions per rank. Parameters used on such shards (norm weights, biases added
 after a reduce-scatter) see only part of the batch, so their use goes through
 :func:`replicated`, whose backward sums their gradient over the tensor-parallel group.
+
+With SP a region keeps only its input's shard for backward, never the gathered sequence
+(Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"):
+:meth:`TPContext.column_parallel` runs all the linears that read the region's input in one autograd
+function, which gathers the sequence once for all of them, and again in backward while it computes
+the input's gradient, whose reduce-scatter then runs while it computes the weights' gradients. So a
+layer keeps what a Megatron-LM layer keeps, all of it divided by t (s·b·h·34/t bytes in bf16 for a
+GPT layer with dropout and flash attention), not s·b·h·(4 + 30/t): tests/test_activation_memory.py.
 
 Every parameter is initialized from its *full* shape with a generator seeded by the run seed, its
 layer's index and its name, then sliced to this rank's shard: a tp=2 run, a pp=2 run and one
@@ -49,17 +59,33 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+# With ``async_op`` these two start the collective and return a function that waits for it and
+# returns its result, so that a backward pass computes while the collective runs.
+
+
+def _all_gather_seq(x: torch.Tensor, group, async_op: bool = False):
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=SEQ_DIM)
+    work = dist.all_gather(parts, x.contiguous(), group=group, async_op=async_op)
+
+    def result() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return torch.cat(parts, dim=SEQ_DIM)
+
+    return result if async_op else result()
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+def _reduce_scatter_seq(x: torch.Tensor, group, async_op: bool = False):
     parts = [p.contiguous() for p in x.chunk(dist.get_world_size(group), dim=SEQ_DIM)]
     out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
-    return out
+    work = dist.reduce_scatter(out, parts, group=group, async_op=async_op)
+
+    def result() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        return out
+
+    return result if async_op else result()
 
 
 def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
@@ -88,21 +114,47 @@ class _ExitRegion(torch.autograd.Function):
 
 
 class _GatherSeq(torch.autograd.Function):
-    """All-gather the sequence shards. Backward, for a parallel region (``replicated=False``): the
-    ranks' gradients of the full sequence are partial sums, reduced and scattered. For a consumer that
-    every rank runs whole and alike (a replicated head and its loss), each rank's gradient of the
-    full sequence is already the whole gradient: it keeps its own slice."""
+    """All-gather the sequence shards for a consumer that every rank runs whole and alike (a
+    replicated head and its loss): each rank's gradient of the full sequence is already the whole
+    gradient, so backward keeps this rank's slice of it."""
 
     @staticmethod
-    def forward(ctx, x, group, replicated=False):
-        ctx.group, ctx.replicated = group, replicated
+    def forward(ctx, x, group):
+        ctx.group = group
         return _all_gather_seq(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.replicated:
-            return _split_seq(grad, ctx.group), None, None
-        return _reduce_scatter_seq(grad, ctx.group), None, None
+        return _split_seq(grad, ctx.group), None
+
+
+class _GatheredLinears(torch.autograd.Function):
+    """``F.linear(gathered x, W_i, b_i)`` for every pair ``weights = (W_1, b_1, W_2, b_2, ...)`` (a
+    bias may be None), keeping only x, this rank's shard of the sequence, for backward: Megatron-Core's
+    ``LinearWithGradAccumulationAndAsyncCommunication`` with SP, for several linears at once. The
+    input's gradient is a partial sum over the ranks (each holds a slice of every W_i), reduced and
+    scattered back to the shards."""
+
+    @staticmethod
+    def forward(ctx, x, group, *weights):
+        ctx.group = group
+        ctx.save_for_backward(x, *weights)
+        full = _all_gather_seq(x, group)
+        return tuple(F.linear(full, w, b) for w, b in zip(weights[::2], weights[1::2]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        pending_full = _all_gather_seq(x, ctx.group, async_op=True)
+        grad_full = sum(g @ w for g, w in zip(grads, weights[::2]))
+        full = pending_full().flatten(0, -2)
+        pending_grad_x = _reduce_scatter_seq(grad_full, ctx.group, async_op=True)
+        grad_weights = []
+        for i, g in enumerate(grads):
+            g = g.flatten(0, -2)
+            needs_weight, needs_bias = ctx.needs_input_grad[2 + 2 * i: 4 + 2 * i]
+            grad_weights += [g.t() @ full if needs_weight else None, g.sum(0) if needs_bias else None]
+        return pending_grad_x(), None, *grad_weights
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
@@ -142,13 +194,16 @@ class TPContext:
     def rank(self) -> int:
         return self.mesh.tp_rank
 
-    def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """Into a parallel region: every rank needs the full (sequence of the) input."""
-        if self.size == 1:
-            return x
-        if self.sequence_parallel:
-            return _GatherSeq.apply(x, self.mesh.tp_group)
-        return _EnterRegion.apply(x, self.mesh.tp_group)
+    def column_parallel(self, x: torch.Tensor, *linears: tuple[torch.Tensor, torch.Tensor | None]
+                        ) -> tuple[torch.Tensor, ...]:
+        """Into a parallel region through the linears that read its input ``x`` (with SP this rank's
+        sequence shard): ``F.linear(x, W, b)`` of the full sequence for each ``(W, b)``. With SP the
+        sequence is gathered once for all of them and only the shard is kept for backward."""
+        if self.size > 1 and self.sequence_parallel:
+            return _GatheredLinears.apply(x, self.mesh.tp_group, *(t for pair in linears for t in pair))
+        if self.size > 1:
+            x = _EnterRegion.apply(x, self.mesh.tp_group)
+        return tuple(F.linear(x, w, b) for w, b in linears)
 
     def exit(self, x: torch.Tensor) -> torch.Tensor:
         """Out of a parallel region: sum the ranks' partial outputs (scattered along the sequence with SP)."""
@@ -175,7 +230,7 @@ class TPContext:
         block (SP only; without SP every rank holds the full sequence already)."""
         if self.size == 1 or not self.sequence_parallel:
             return x
-        return _GatherSeq.apply(x, self.mesh.tp_group, True)
+        return _GatherSeq.apply(x, self.mesh.tp_group)
 
     def replicated(self, p: torch.Tensor) -> torch.Tensor:
         """Use a replicated parameter on sequence shards: its gradient is summed over the group."""
@@ -265,20 +320,22 @@ def parameter(shape: tuple[int, ...], init_std: float | None) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W's output rows split over ranks: each rank computes a slice of y.
-    The input must already be the full (gathered) activation: see ``TPContext.enter``."""
+    """y = x W^T + b with W's output rows split over ranks: each rank computes a slice of y. The
+    input is the activation between regions (with SP this rank's sequence shard): the layer enters
+    the region (``TPContext.column_parallel``, which also runs several linears on one input)."""
 
     def __init__(self, in_features: int, out_parts: list[int], bias: bool, tp: TPContext, init_std: float):
         super().__init__()
         for size in out_parts:
             if size % tp.size:
                 raise ValueError(f"output size {size} is not divisible by tensor-parallel size {tp.size}")
+        self.tp = tp
         shard = Shard(0, tuple(out_parts))
         self.weight = sharded_parameter((sum(out_parts), in_features), shard, tp.size, init_std)
         self.bias = sharded_parameter((sum(out_parts),), shard, tp.size, None) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.tp.column_parallel(x, (self.weight, self.bias))[0]
 
 
 class RowParallelLinear(nn.Module):

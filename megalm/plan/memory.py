@@ -193,10 +193,10 @@ def saved_per_layer(m: ModelConfig, tokens: int, tp: int, sp: bool, checkpointin
     ``tokens`` tokens, by what saves them (megalm.model.layers; the attention core is flash-style
     SDPA or Triton: q, k, v, the output and a log-sum-exp, never the T x T scores).
 
-    With sequence parallelism the residual stream and the norms hold tokens / tp positions, but the
-    all-gathered norm output is what the q/k/v and MLP projections save, whole. Full checkpointing
-    keeps only the block's input; selective recomputes the attention core (with flash-style
-    attention that frees only the log-sum-exp and the RoPE-rotated copies)."""
+    With sequence parallelism everything outside the attention and MLP regions holds tokens / tp
+    positions, the q/k/v and MLP projections' input included (they gather it again in backward).
+    Full checkpointing keeps only the block's input; selective recomputes the attention core (with
+    flash-style attention that frees only the log-sum-exp)."""
     e, n, h, t = element_bytes(precision), tokens, m.d_model, tp
     residual = n * h * e / (t if sp else 1)
     if checkpointing == "full":
@@ -206,18 +206,14 @@ def saved_per_layer(m: ModelConfig, tokens: int, tp: int, sp: bool, checkpointin
     parts = {
         "residual inputs of the 2 norms": 2 * residual,
         "norm statistics (fp32)": 2 * n / (t if sp else 1) * 4 * (1 if llama else 2),
-        "norm outputs, input of q/k/v and MLP up (whole sequence)": 2 * n * h * e,
+        "norm outputs, input of q/k/v and MLP up": 2 * residual,
         "q, k, v": n * h / t * e + 2 * kv,
         "attention output": n * h / t * e,
-        "MLP hidden (GELU in, out)" if not llama else "MLP hidden (gate|up, SiLU, product)":
-            (4 if llama else 2) * n * m.ffn_dim / t * e,
+        "MLP hidden (GELU in, out)" if not llama else "MLP hidden (gate|up, product)":
+            (3 if llama else 2) * n * m.ffn_dim / t * e,
     }
     if checkpointing == "none":
         parts["softmax log-sum-exp (fp32)"] = n * m.n_heads / t * 4
-        if llama:
-            parts["RoPE-rotated k beside the projected one"] = kv
-        if llama and cpu:
-            parts["attention output copied to (B, T, H*D) (SDPA on CPU)"] = n * h / t * e
     if llama and cpu:
         parts["normalized inputs (torch's RMSNorm on CPU)"] = 2 * residual
     if m.dropout > 0:
@@ -230,7 +226,7 @@ def saved_by_head(m: ModelConfig, tokens: int, tp: int, sp: bool, precision: str
     fp32 log-probabilities (softmax with tp > 1) over this rank's slice of the vocabulary."""
     e, n, h, t = element_bytes(precision), tokens, m.d_model, tp
     residual = n * h * e / (t if sp else 1)
-    parts = {"final norm input": residual, "final norm output, head input (whole sequence)": n * h * e,
+    parts = {"final norm input": residual, "final norm output, head input": residual,
              "log-probabilities (fp32)": n * m.vocab_size / t * 4}
     if m.style == "llama" and device == "cpu":
         parts["normalized input (torch's RMSNorm on CPU)"] = residual
