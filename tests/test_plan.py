@@ -145,6 +145,26 @@ def test_layouts_that_do_not_fit_are_left_out():
     assert "nothing fits in" in report(alone, 5)
 
 
+def test_layout_fields_given_on_the_command_line_are_the_ones_estimated():
+    """Pinned fields hold in every layout weighed; all pinned, the one layout is estimated, or the line
+    that refuses it is shown; pp=8 with the config's default ZeRO 0 is weighed, not refused at load."""
+    proc = run_megalm("plan", "gpt-1.3b", "train.precision=bf16", "parallel.tp=8", "parallel.pp=8",
+                      "train.micro_batch_size=1", "--gpus", "64", "--seq-len", "2048", "--global-batch", "512",
+                      "--json", "/dev/stdout", check=False)
+    assert "pinned on the command line: parallel.tp=8, parallel.pp=8, train.micro_batch_size=1" in proc.stdout
+    rows = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])["layouts"]
+    assert rows and all((r["tp"], r["pp"], r["dp"], r["micro_batch"]) == (8, 8, 1, 1) for r in rows)
+    assert {r["zero"] for r in rows} == {1}  # ZeRO 0 refused with pp and tied embeddings, 2-3 with pp
+    one = run_megalm("plan", "llama-7b", "parallel.tp=1", "parallel.pp=1", "train.zero_stage=0",
+                     "train.micro_batch_size=8", "parallel.activation_checkpointing=none", "--gpu", "a100-40gb",
+                     "--gpus", "8", check=False)
+    assert one.returncode == 1 and "layouts: 1 accepted by megalm's checks, 0 fit" in one.stdout
+    assert "nothing fits in 34.2 GB: the smallest pinned layout needs " in one.stdout
+    refused = run_megalm("plan", "gpt-1.3b", "parallel.tp=16", "--gpus", "64", check=False)
+    assert refused.returncode == 1 and ("parallel.tp=16: tensor parallelism stays inside a node of 8 GPUs"
+                                        in refused.stdout)
+
+
 def test_cli_prints_the_ranking_and_the_inputs(tmp_path):
     out = tmp_path / "plan.json"
     proc = run_megalm("plan", "gpt-1.3b", "train.precision=bf16", "--gpu", "h100-sxm", "--gpus", "8", "--seq-len",

@@ -48,29 +48,53 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(cfg: Config, gpus: int, gpus_per_node: int) -> tuple[list[Candidate], dict[str, tuple[int, str]]]:
+# the keys a user may pin on the command line (megalm plan ... parallel.tp=8), by Candidate field
+PINNABLE = {"parallel.tp": "tp", "parallel.pp": "pp", "train.micro_batch_size": "micro_batch",
+            "train.zero_stage": "zero", "parallel.activation_checkpointing": "checkpointing",
+            "parallel.sequence_parallel": "sequence_parallel"}
+
+
+def pinned(cfg: Config, overrides: list[str]) -> dict[str, object]:
+    """The layout fields ``overrides`` set (Candidate field -> the config's value)."""
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    return {field: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+            for key, field in PINNABLE.items() if key in keys}
+
+
+def layouts(cfg: Config, gpus: int, gpus_per_node: int, pins: dict[str, object] | None = None
+            ) -> tuple[list[Candidate], dict[str, tuple[int, str]]]:
     """Every layout of ``gpus`` GPUs that megalm accepts for ``cfg``'s model, sequence length and global
-    batch; and the refused ones, by the key their check names: (how many, one of the messages).
-    Tensor parallelism stays inside a node; micro-batches are powers of two up to the per-rank batch."""
-    found, refused = [], {}
+    batch, with the fields ``pins`` names as they are there; and the refused ones, by the key their
+    check names: (how many, one of the messages). Tensor parallelism stays inside a node;
+    micro-batches are powers of two up to the per-rank batch (any size, when pinned)."""
+    found, refused, pins = [], {}, pins or {}
 
     def refuse(key: str, message: str) -> None:
         count, first = refused.get(key, (0, message))
         refused[key] = (count + 1, first)
 
-    for tp in divisors(gpus_per_node):
-        for pp in divisors(gpus // tp) if gpus % tp == 0 else []:
+    def choices(field: str, free: list) -> list:
+        return [pins[field]] if field in pins else free
+
+    for tp in choices("tp", divisors(gpus_per_node)):
+        if gpus_per_node % tp or gpus % tp:
+            refuse("parallel.tp", f"parallel.tp={tp}: tensor parallelism stays inside a node of {gpus_per_node} "
+                                  f"GPUs and must divide the {gpus} GPUs")
+            continue
+        for pp in choices("pp", divisors(gpus // tp)):
+            if (gpus // tp) % pp:
+                refuse("parallel.pp", f"parallel.pp={pp}: tp={tp} x pp={pp} does not divide the {gpus} GPUs")
+                continue
             dp = gpus // (tp * pp)
             if dp > cfg.train.global_batch:
                 refuse("parallel.dp", f"dp={dp} ranks would get no sequence of a global batch of "
                                       f"{cfg.train.global_batch}")
                 continue
             per_rank = -(-cfg.train.global_batch // dp)
-            micros = [2**i for i in range(per_rank.bit_length()) if 2**i <= per_rank]
-            for micro in micros:
-                for zero in range(4):
-                    for checkpointing in CHECKPOINTING:
-                        for sp in (False, True) if tp > 1 else (False,):
+            for micro in choices("micro_batch", [2**i for i in range(per_rank.bit_length()) if 2**i <= per_rank]):
+                for zero in choices("zero", list(range(4))):
+                    for checkpointing in choices("checkpointing", list(CHECKPOINTING)):
+                        for sp in choices("sequence_parallel", [False, True] if tp > 1 else [False]):
                             layout = Candidate(tp, pp, dp, micro, zero, checkpointing, sp)
                             try:
                                 validate_model_split(layout.apply(cfg))

@@ -3,7 +3,8 @@
     megalm plan gpt2-125m --gpu h100-sxm --gpus 1
     megalm plan configs/quickstart.yaml model=gpt-1.3b train.precision=bf16 --gpus 64 --seq-len 2048
 
-Each layout megalm would accept (``layout.layouts``) gets a per-GPU memory estimate
+Each layout megalm would accept (``layout.layouts``; with the fields given on the command line, such
+as ``parallel.tp=8``, as given) gets a per-GPU memory estimate
 (``memory.memory``) and a step time (``step_time.step_time``); those that fit the GPU are ranked by
 tokens/s. The report shows the top ones, then the inputs of every formula for the best, and the
 overrides that select it.
@@ -20,7 +21,7 @@ from megalm.config import Config, load_config, resolve, run_file, shipped
 from megalm.errors import ConfigError
 from megalm.model.transformer import parameter_count
 from megalm.plan.hardware import CUDA_OVERHEAD_GB, Cluster, cluster
-from megalm.plan.layout import Candidate, layouts
+from megalm.plan.layout import PINNABLE, Candidate, layouts, pinned
 from megalm.plan.memory import GB, Memory, memory
 from megalm.plan.step_time import StepTime, step_time
 
@@ -41,27 +42,31 @@ class Plan:
     ranked: list[Estimate]  # the layouts that fit, fastest first
     too_big: list[Estimate]  # the others, smallest first
     refused: dict[str, tuple[int, str]]
+    pins: dict[str, object]  # the layout fields fixed on the command line
 
 
-def model_config(config: str, overrides: list[str], vocab: int) -> tuple[Config, str]:
+def model_config(config: str, overrides: list[str], vocab: int) -> tuple[Config, str, dict[str, object]]:
     """The run config (a run file or shipped run; or a model preset name, on default run settings), its
-    vocabulary and length resolved as training resolves them; and where the vocabulary came from."""
-
+    vocabulary and length resolved as training resolves them; where the vocabulary came from; and
+    the layout fields ``overrides`` pin (the config holds a plain layout: each one weighed is checked)."""
     try:
         run_file(config)
     except ConfigError:
         if config not in shipped("model"):
             raise
-        cfg = load_config(None, [f"model={config}", *overrides])
-    else:
-        cfg = load_config(config, overrides)
+        config, overrides = None, [f"model={config}", *overrides]
+    cfg = load_config(config, overrides, check=False)
+    pins = pinned(cfg, overrides)
+    cfg = cfg.replace("parallel", tp=1, pp=1, sequence_parallel=False, activation_checkpointing="none")
+    cfg = cfg.replace("train", zero_stage=0)
     if cfg.model.vocab_size:
-        return resolve(cfg, None, tokenizer_vocab=cfg.model.vocab_size), "model.vocab_size"
-    return resolve(cfg, None, tokenizer_vocab=vocab), f"--vocab {vocab} (the config leaves it to the tokenizer)"
+        return resolve(cfg, None, tokenizer_vocab=cfg.model.vocab_size), "model.vocab_size", pins
+    return resolve(cfg, None, tokenizer_vocab=vocab), f"--vocab {vocab} (the config leaves it to the tokenizer)", pins
 
 
-def make_plan(cfg: Config, machines: Cluster, vocab_note: str = "model.vocab_size") -> Plan:
-    found, refused = layouts(cfg, machines.gpus, machines.gpus_per_node)
+def make_plan(cfg: Config, machines: Cluster, vocab_note: str = "model.vocab_size",
+              pins: dict[str, object] | None = None) -> Plan:
+    found, refused = layouts(cfg, machines.gpus, machines.gpus_per_node, pins)
     estimates = []
     for layout in found:
         mem = memory(cfg, layout)
@@ -72,7 +77,7 @@ def make_plan(cfg: Config, machines: Cluster, vocab_note: str = "model.vocab_siz
     ranked = sorted((e for e in estimates if e.fits),
                     key=lambda e: (-round(e.time.tokens_per_s), -e.layout.micro_batch, e.memory.allocated))
     too_big = sorted((e for e in estimates if not e.fits), key=lambda e: e.memory.allocated)
-    return Plan(cfg, machines, vocab_note, ranked, too_big, refused)
+    return Plan(cfg, machines, vocab_note, ranked, too_big, refused, pins or {})
 
 
 # ---------------------------------------------------------------------------------- report
@@ -85,10 +90,12 @@ def report(plan: Plan, top: int) -> str:
         lines += ["", *_explain(plan.ranked[0], plan)]
     elif plan.too_big:
         closest = plan.too_big[0]
-        lines += ["", f"nothing fits in {plan.cluster.usable_gb:.1f} GB: the smallest layout needs "
-                      f"{closest.memory.allocated_gb:.1f} GB", *_table([closest]), "", *_explain(closest, plan)]
+        lines += ["", f"nothing fits in {plan.cluster.usable_gb:.1f} GB: the smallest "
+                      f"{'pinned ' if plan.pins else ''}layout needs {closest.memory.allocated_gb:.1f} GB",
+                  *_table([closest]), "", *_explain(closest, plan)]
     else:
-        lines += ["", "no layout of these GPUs passes megalm's checks (see the refusals above)"]
+        lines += ["", f"no layout of these GPUs{' with the pinned fields' if plan.pins else ''} passes megalm's "
+                      f"checks (see the refusals above)"]
     return "\n".join(lines)
 
 
@@ -108,6 +115,9 @@ def _header(plan: Plan) -> list[str]:
         f"context/NCCL/workspaces) x allocatable share",
         f"layouts: {len(plan.ranked) + len(plan.too_big)} accepted by megalm's checks, {len(plan.ranked)} fit",
     ]
+    if plan.pins:
+        lines.insert(-1, "pinned on the command line: " + ", ".join(
+            f"{key}={plan.pins[field]}" for key, field in PINNABLE.items() if field in plan.pins))
     for key, (count, example) in sorted(plan.refused.items()):
         lines.append(f"  refused {count} ({key}), e.g.: {example}")
     return lines
@@ -199,13 +209,13 @@ def main(args) -> int:
         overrides.append(f"data.seq_len={args.seq_len}")
     if args.global_batch:
         overrides.append(f"train.global_batch={args.global_batch}")
-    cfg, vocab_note = model_config(args.config, overrides, args.vocab)
+    cfg, vocab_note, pins = model_config(args.config, overrides, args.vocab)
     try:
         machines = cluster(args.gpu, args.gpus, args.gpus_per_node, args.intra_node_gbs, args.inter_node_gbs,
                            args.efficiency)
     except ValueError as e:
         raise ConfigError(f"megalm plan: {e}") from None
-    plan = make_plan(cfg, machines, vocab_note)
+    plan = make_plan(cfg, machines, vocab_note, pins)
     print(report(plan, args.top))
     if args.json:
         Path(args.json).write_text(json.dumps(to_json(plan), indent=1) + "\n")
