@@ -62,7 +62,8 @@ log = logging.getLogger("megalm")
 SHOWN = 3  # a rank's newest collectives printed with a verdict
 SOLO_PHASES = ("data",)  # phases a rank runs without waiting for the others
 TICK_S = 0.5  # how often each rank looks for a posted failure
-ACK_WAIT_S = 5.0  # how long rank 0 keeps its store up for the others to read a failure
+ACK_WAIT_S = 10.0  # at most this long rank 0 keeps its store up for the others to read a failure (a loaded
+# machine's watchdog threads may take seconds); the wait ends as soon as they have
 ADDRESS_KEY = "megalm/watchdog/address"
 FAILURE_KEY = "megalm/watchdog/failure"
 ABORT_KEY = "megalm/watchdog/abort"  # a verdict
