@@ -87,7 +87,13 @@ def torchrun(nproc: int, *args: str, timeout: int = 600, extra_env: dict | None 
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """A run's metrics.jsonl rows, read as strict JSON (a NaN or Infinity, which Python's json would
+    take, fails the test: other readers refuse them)."""
+    return [json.loads(line, parse_constant=_not_json) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _not_json(constant: str):
+    raise AssertionError(f"metrics.jsonl holds {constant}, which is not JSON")
 
 
 def train_losses(run_dir: Path) -> list[float]:

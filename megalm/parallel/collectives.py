@@ -2,18 +2,18 @@
 dumps with every verdict, so a missing or mismatched collective is visible), and the time this
 rank spent blocked inside them (what is left of a step is the rank's own time: stragglers.py).
 
-``install`` wraps torch.distributed's collective functions once per process. DeepSpeed's
-communication layer and megalm's own code call them through ``torch.distributed`` at call time,
-so both are seen; a collective that calls another inside it (``all_gather_object`` gathers sizes
-first) is one entry. Each entry has the op, its process group (by the name the mesh gave it, else
+``install`` wraps torch.distributed's collective functions once per process, before DeepSpeed's
+communication layer starts (it keeps its own references to the all-gather and reduce-scatter it
+uses); megalm's own code looks them up at call time. So every collective is seen, and one that
+calls another inside it (``all_gather_object`` gathers sizes first) is one entry. Each entry has the op, its process group (by the name the mesh gave it, else
 its ranks), the group's own sequence number (the n-th collective on that group: ranks that agree
 are at the same number), the bytes this rank put in, the dtype, and its start and duration.
 
 The time blocked is host time: a CPU (gloo) collective returns when its peers have taken part. On
 CUDA (NCCL) the call returns at once, so a synchronous collective is bracketed by CUDA events on the
 current stream instead, read once the step's work is done (``blocked_s``, after the step's loss was
-read back). An asynchronous call (``async_op=True``, ``isend``) is recorded but never counts as
-blocked time: its wait happens elsewhere.
+read back). An asynchronous call (``async_op=True``, ``isend``; ZeRO-3's weight gathers) is recorded but never
+counts as blocked time: its wait happens later, on its handle, and counts as the rank's own time.
 """
 
 from __future__ import annotations
@@ -90,9 +90,14 @@ class CollectiveRecorder:
         self.entries = collections.deque(self.entries, maxlen=keep)
         if self.installed:
             return
+        c10d = dist.distributed_c10d  # some callers (DeepSpeed's coalesced gathers) name the module itself
         for op in OPS:
             if hasattr(dist, op):
-                setattr(dist, op, self._wrap(op, getattr(dist, op)))
+                original = getattr(dist, op)
+                recorded = self._wrap(op, original)
+                setattr(dist, op, recorded)
+                if getattr(c10d, op, None) is original:
+                    setattr(c10d, op, recorded)
         self.installed = True
 
     def name_group(self, group: dist.ProcessGroup, name: str) -> None:

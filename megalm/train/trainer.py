@@ -90,8 +90,8 @@ class Summary:
 def start_world(cfg: Config):
     """Join the launch's processes and lay them out as the 3D mesh (``megalm eval`` starts the same way)."""
     validate(cfg, launched_world_size())  # layout errors surface before any process group starts
+    RECORDER.install(cfg.train.collectives_kept)  # before DeepSpeed's comm layer takes its functions
     world = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
-    RECORDER.install(cfg.train.collectives_kept)  # every collective from here on is on record
     mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank)
     if world.is_main:
         log.info(mesh.describe())
