@@ -22,6 +22,7 @@ The planner is asked for the same device and precision: fp32 on a CPU (no bf16, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,13 +33,24 @@ import torch
 from megalm.config import ModelConfig, load_config
 from megalm.model.layers import Block, Embedding, FinalNorm, Head
 from megalm.model.transformer import Transformer, parameter_count
+from megalm.observe.flops import flops_per_token
 from megalm.parallel.mesh import Mesh
 from megalm.parallel.tensor_parallel import TPContext
+from megalm.plan import published
 from megalm.plan.hardware import cluster
 from megalm.plan.layout import Candidate
-from megalm.plan.memory import layer_parameters, memory, model_state, saved_by_head, saved_per_layer
+from megalm.plan.matmuls import SUSTAINED_SHARE, block_matmuls, share
+from megalm.plan.memory import (
+    layer_parameters,
+    memory,
+    model_state,
+    saved_by_head,
+    saved_per_layer,
+    stage_memory,
+    stages,
+)
 from megalm.plan.report import make_plan, model_config, report
-from megalm.plan.step_time import step_time
+from megalm.plan.step_time import P2P_LATENCY_S, matmul_time, step_time
 from tests.helpers import CONFIG, TINY, metrics, run_megalm, torchrun
 
 # ------------------------------------------------------------------------ against the layers
@@ -107,6 +119,19 @@ def test_zero_stages_shard_what_they_promise():
         assert eight[3].weights == one[3].weights / 8 and eight[3].accumulated == one[3].accumulated / 8
 
 
+def test_zero3_holds_20_bytes_per_parameter_over_dp_at_the_step():
+    """The ZeRO paper counts 16Ψ/N (bf16 weights and gradients, fp32 master and moments); DeepSpeed's stage 3
+    also builds an fp32 partition of the gradients for the optimizer step: 20Ψ/N there, and the report says so."""
+    p, dp = 8_000_000, 8
+    state = model_state("bf16", 3, False, p, dp, 4, "cuda")
+    assert state.weights + state.gradients + state.master + state.moments == 16 * p / dp
+    assert state.fp32_gradients == 4 * p / dp and state.at_step == 20 * p / dp
+    assert model_state("fp32", 3, False, p, dp, 4, "cuda").at_step == 20 * p / dp  # the partition is the master
+    cfg = _cfg("gpt2-125m", "train.precision=bf16", "train.global_batch=64")
+    text = report(make_plan(cfg, cluster("h100-sxm", 8), pins={"zero": 3, "tp": 1, "pp": 1}), 1)
+    assert "ZeRO-3 model state at the optimizer step: 2.5 bytes per parameter = 20 / dp 8" in text
+
+
 def _cfg(preset: str, *overrides: str):
     return model_config(preset, list(overrides), 50304)[0]
 
@@ -115,12 +140,55 @@ def test_step_time_parts_follow_their_formulas():
     cfg = _cfg("gpt-1.3b", "train.precision=bf16", "data.seq_len=2048", "train.global_batch=64")
     machines = cluster("h100-sxm", 32)
     piped = step_time(cfg, Candidate(1, 4, 8, 1, 1, "none", False), machines)
-    assert piped.bubble_s / (piped.compute_s + piped.bubble_s) == pytest.approx(3 / (8 + 3))
+    # 1F1B: 8 micro-batches take 8 + 3 slots; interleaving 3 model chunks per GPU leaves 3 / 3
+    assert piped.bubble_s / (piped.total_s - piped.dp_s) == pytest.approx(3 / (8 + 3))
+    interleaved = step_time(cfg, Candidate(1, 4, 8, 1, 1, "none", False), machines, chunks=3)
+    assert interleaved.bubble_s / (interleaved.total_s - interleaved.dp_s) == pytest.approx(1 / (8 + 1))
+    assert interleaved.pp_s == pytest.approx(3 * piped.pp_s)
+    # each slot's two messages wait for their latency first (the pipeline crosses nodes: the network's)
+    latency = 8 * 2 * P2P_LATENCY_S["network"]
+    assert piped.pp_s - latency == pytest.approx(8 * 2 * 2048 * 2048 * 2 / (machines.inter_node_gbs * 1e9))
     plain = step_time(cfg, Candidate(2, 1, 16, 1, 1, "none", False), machines)
     recomputed = step_time(cfg, Candidate(2, 1, 16, 1, 1, "full", False), machines)
-    assert recomputed.compute_s == pytest.approx(plain.compute_s * 4 / 3)
+    forward = block_matmuls(cfg.model, 1, 2048, 2)
+    extra = 4 * cfg.model.n_layers * matmul_time(forward, machines, "bf16")  # 4 micro-batches, every block again
+    assert recomputed.compute_s - plain.compute_s == pytest.approx(extra)
     assert recomputed.tp_s == pytest.approx(plain.tp_s * 6 / 4, rel=0.05)  # 2 more all-reduces of 4 per block
     assert plain.dp_s > 0 and plain.pp_s == 0 and piped.pp_s > 0
+
+
+def test_matmuls_get_their_share_of_the_peak_from_their_shape():
+    m = _cfg("gpt-1.3b", "data.seq_len=2048").model
+    forward = block_matmuls(m, 1, 2048, 1)
+    # the block's matmuls are the FLOP count's (flops_per_token: 3 x forward, the head aside)
+    head = 2 * m.d_model * m.vocab_size
+    assert sum(mm.flops for mm in forward) == pytest.approx((flops_per_token(m, 2048) / 3 - head) / m.n_layers * 2048)
+    a100 = cluster("a100-80gb", 8)
+    big = next(mm for mm in forward if mm.name == "MLP up")
+    assert share(a100.gpu, big, "bf16", 2) == pytest.approx(SUSTAINED_SHARE * 267.9 / 312)  # on the plateau
+    scores = next(mm for mm in forward if mm.name == "attention scores")  # ~head_dim FLOPs per byte: memory-bound
+    assert share(a100.gpu, scores, "bf16", 2) < share(a100.gpu, big, "bf16", 2)
+    narrow = next(mm for mm in block_matmuls(dataclasses.replace(m, n_heads=32), 1, 2048, 1)
+                  if mm.name == "attention scores")  # head_dim 64
+    assert share(a100.gpu, narrow, "bf16", 2) < share(a100.gpu, scores, "bf16", 2)
+    # --efficiency replaces the table for every matmul, and the report says which was used
+    cfg = _cfg("gpt-1.3b", "train.precision=bf16", "data.seq_len=2048", "train.global_batch=64")
+    fixed = step_time(cfg, Candidate(1, 1, 8, 1, 1, "none", False), cluster("a100-80gb", 8, efficiency=0.5))
+    assert set(fixed.inputs["matmul shares"].values()) == {0.5}
+    assert "every matmul at --efficiency 0.5" in report(make_plan(cfg, cluster("a100-80gb", 8, efficiency=0.5)), 1)
+    assert "each matmul at its shape's share" in report(make_plan(cfg, a100), 1)
+
+
+def test_collectives_cross_the_links_their_ranks_span():
+    """rank = (pp_rank * dp + dp_rank) * tp + tp_rank, nodes hold consecutive ranks."""
+    machines = cluster("a100-80gb", 64)
+    nvlink, card = machines.intra_node_gbs, machines.inter_node_gbs
+    assert machines.group_gbs(1, 8) == nvlink  # tp=8: one node
+    assert machines.group_gbs(2, 4) == nvlink  # tp=2, dp=4: the dp group stays in its node
+    assert machines.group_gbs(8, 8) == card  # tp=8, dp=8: one member per node, one card each
+    assert machines.group_gbs(2, 32) == 4 * card  # tp=2: 4 members per node, their 4 cards
+    assert machines.group_gbs(1, 64) == min(nvlink, 8 * card)  # every GPU of every node
+    assert machines.group_gbs(1, 12, 12) == 4 * card  # ranks 12-23: 4 in one node, 8 in the next
 
 
 def test_ranking_prefers_plain_data_parallel_for_a_small_model_in_one_node():
@@ -129,6 +197,42 @@ def test_ranking_prefers_plain_data_parallel_for_a_small_model_in_one_node():
     assert (best.tp, best.pp, best.dp) == (1, 1, 8)
     assert [e.time.tokens_per_s for e in plan.ranked] == sorted((e.time.tokens_per_s for e in plan.ranked),
                                                                 reverse=True)
+
+
+def test_planner_holds_to_megatron_lm_table_1():
+    """Narayanan et al. 2021, Table 1 (megalm/plan/published.py): the planner's step time, through the paper's
+    FLOP count, within 15% of the published TFLOP/s of every run; full recomputation keeps 2sbh bytes a layer
+    (Korthikanti et al. 2022), 2sbhL on the first stage, which holds pp micro-batches; every run fits."""
+    print("\nMegatron-LM, Table 1 (A100 80GB, 312 TFLOP/s), published against the planner:")
+    print("\n".join(published.table()))
+    for run in published.TABLE_1:
+        time, mem = published.predict(run)
+        assert abs(published.predicted_tflops(run, time) / run.tflops - 1) <= 0.15, run
+        cfg, lay = published.config(run), published.layout(run)
+        sbh = 2048 * run.hidden * 2
+        per_layer = saved_per_layer(cfg.model, 2048, run.tp, False, "full", "bf16", "cuda")
+        assert sum(per_layer.values()) == sbh
+        first = stage_memory(cfg, lay, stages(cfg, lay)[0], "cuda")
+        kept = first.inputs["micro-batches in flight"] * first.stage.blocks * sbh
+        assert abs(kept / (sbh * run.layers) - 1) <= 0.10, run
+        assert mem.allocated_gb <= cluster("a100-80gb", 8).usable_gb
+
+
+def test_ranking_prefers_data_to_pipeline_parallelism_where_megatron_measured_it():
+    """Narayanan et al. 2021, Figure 14: a 5.9B GPT (32 layers, 32 heads, hidden 3840) on 64 A100s, tp 1,
+    micro-batch 1: throughput falls as pp grows at every batch size. The planner once ranked pp=8 x dp=8
+    first (it sent the data-parallel all-reduce over one network card)."""
+    for batch in (128, 512):
+        cfg, _, pins = model_config("gpt-1.3b", ["model.n_layers=32", "model.d_model=3840", "model.n_heads=32",
+                                                 "model.vocab_size=51200", "data.seq_len=2048", "train.precision=bf16",
+                                                 f"train.global_batch={batch}", "parallel.tp=1",
+                                                 "train.micro_batch_size=1"], 51200)
+        plan = make_plan(cfg, cluster("a100-80gb", 64), pins=pins)
+        best = {}
+        for e in plan.ranked:
+            best.setdefault(e.layout.pp, e.time.tokens_per_s)
+        assert plan.ranked[0].layout.pp < 8 and best[2] > best[8]
+        assert [best[pp] for pp in sorted(best)] == sorted(best.values(), reverse=True), best
 
 
 def test_layouts_that_do_not_fit_are_left_out():
@@ -174,8 +278,9 @@ def test_cli_prints_the_ranking_and_the_inputs(tmp_path):
     first = json.loads(out.read_text())["layouts"][0]
     row = next(line for line in text.splitlines() if line.strip().startswith("1 "))
     assert f"{first['tokens_per_s']:,.0f}" in row and f"{first['memory_gb']:.2f}" in row
-    for needed in ("rank  tp  pp", "layout #1", "AdamW moments", "saved per block and micro-batch", "FLOPs/token",
-                   "bubble", "dp comm", "no communication overlaps compute"):
+    for needed in ("rank  tp  pp", "layout #1", "AdamW moments", "saved per block and micro-batch", "MLP up",
+                   "attention scores", "LM head", "norms, residual adds", "bubble",
+                   "dp comm", "messages per micro-batch slot", "no communication overlaps compute"):
         assert needed in text
     use = next(line for line in text.splitlines() if line.startswith("use it: megalm train CONFIG "))
     overrides = use.split("CONFIG ")[1].split()

@@ -13,11 +13,13 @@ def add(sub) -> None:
     sp.add_argument("--gpus-per-node", type=int, default=8)
     sp.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: data.seq_len)")
     sp.add_argument("--global-batch", type=int, default=0, help="sequences per step (default: train.global_batch)")
-    sp.add_argument("--efficiency", type=float, default=0.5, help="share of the dense peak the matmuls reach")
-    sp.add_argument("--intra-node-gbs", type=float, default=0.0, help="GB/s per GPU per direction in a node "
-                                                                      "(default: the GPU's NVLink/PCIe)")
-    sp.add_argument("--inter-node-gbs", type=float, default=0.0, help="GB/s per GPU per direction between nodes "
-                                                                      "(default: 50, 25 for A100/L40S)")
+    sp.add_argument("--efficiency", type=float, default=None,
+                    help="one share of the dense peak for every matmul, replacing the per-GPU table that gives "
+                         "each matmul its own from its shape (default: the table)")
+    sp.add_argument("--intra-node-gbs", type=float, default=0.0, help="achieved GB/s per GPU per direction in a "
+                                                                      "node (default: the GPU's NVLink/PCIe x 0.7)")
+    sp.add_argument("--inter-node-gbs", type=float, default=0.0, help="achieved GB/s per GPU per direction between "
+                                                                      "nodes (default: 50, 25 for A100/L40S, x 0.9)")
     sp.add_argument("--vocab", type=int, default=50304, help="vocabulary size when the config leaves it to the tokenizer")
     sp.add_argument("--top", type=int, default=10, help="layouts shown")
     sp.add_argument("--json", help="also write every layout's estimate and inputs to this file")

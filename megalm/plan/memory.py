@@ -4,12 +4,16 @@ and what the DeepSpeed optimizer path our engine takes keeps, at the moment a st
 Counted, for the most loaded pipeline stage (bytes; GB = 1e9 bytes, as ``mem_peak_gb``):
 
 - weights, gradients, fp32 master weights and AdamW's two fp32 moments, as the DeepSpeed 0.19 path
-  for the precision and ZeRO stage keeps them (``model_state``; torch's AdamW, ``torch_adam: true``);
+  for the precision and ZeRO stage keeps them (``model_state``; torch's AdamW, ``torch_adam: true``),
+  and the fp32 gradients the optimizer steps on: with ZeRO 3 in bf16, 2 + 2 + 4 + 8 = 16 bytes per
+  parameter / dp through forward and backward (what the ZeRO paper counts) and 20 / dp at the step,
+  where DeepSpeed builds an fp32 partition of the gradients (``ModelState.at_step``);
 - DeepSpeed's gradient reduction buffers: the ZeRO reduce bucket (500M elements, allocated whole on a
   GPU) and ZeRO-3's gathered parameters (it keeps a parameter gathered when it is used again within
   1e9 elements, so backward finds the last ~5e8 elements of each stage still whole);
-- activations saved for backward, from megalm's layers (``saved_per_layer``), times the micro-batches
-  in flight (1F1B: pp - stage on stage ``stage``, so pp on the first);
+- activations saved for backward, from megalm's layers (``saved_per_layer``), and the activations
+  DeepSpeed's pipeline keeps (the output each stage sent), times the micro-batches in flight (1F1B:
+  pp - stage on stage ``stage``, so pp on the first);
 - the transients of the three moments a step can peak at: the start of backward (all activations,
   plus the loss's vocabulary-sized fp32 buffers or one block's recomputation with full
   checkpointing), the end of backward (the flattened gradients DeepSpeed all-reduces) and the
@@ -38,6 +42,7 @@ from megalm.plan.layout import Candidate
 GB = 1e9
 BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements); also the gradient flattening chunk
 ZERO3_GATHERED = 500_000_000  # ZeRO-3 keeps params reused within max_reuse_distance (1e9) elements: ~half
+SUB_GROUP = 1_000_000_000  # ZeRO-3's sub_group_size (elements): the optimizer steps one sub-group at a time
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,14 @@ class ModelState:
     moments: float  # AdamW's exp_avg and exp_avg_sq, fp32
     buffers: float  # reduce bucket, accumulation buffer, ZeRO-3's gathered parameters
     reduce: float  # transient at the end of backward
-    step: float  # transient during the optimizer step
-    gradients_persist: bool = False  # allocated once and kept (ZeRO-3's partitions), not per step
+    fp32_gradients: float  # the fp32 gradients the optimizer steps on (bf16 paths' copies, ZeRO-3's partition)
+    step: float  # the optimizer step's other transients (AdamW's temporaries, a flattening copy)
+    gradients_persist: bool = False  # allocated once and kept (ZeRO-3's partition), not per step
+
+    @property
+    def at_step(self) -> float:
+        """Model state at the optimizer step: weights, gradients (fp32 ones too), master weights, moments."""
+        return self.weights + self.gradients + self.fp32_gradients + self.master + self.moments
 
 
 @dataclass(frozen=True)
@@ -158,13 +169,13 @@ def model_state(precision: str, zero: int, pipeline: bool, params: int, dp: int,
     foreach = 4 if gpu else 0  # torch's multi-tensor AdamW: one fp32 temporary per element (CPU: per tensor)
     fp32_grads = 4 if precision == "bf16" else 0  # copies of the gradients in fp32 for the step
     if zero == 0 and precision == "fp32":
-        return ModelState("torch AdamW, fp32", 4 * p, 4 * p, 4 * p, 0, 8 * p, 0, flat, foreach * p)
+        return ModelState("torch AdamW, fp32", 4 * p, 4 * p, 4 * p, 0, 8 * p, 0, flat, 0, foreach * p)
     if zero == 0 and not pipeline:
-        return ModelState("FP16_UnfusedOptimizer, bf16", 2 * p, 2 * p, 2 * p, 4 * p, 8 * p, 0, flat,
-                          (4 + foreach) * p)
+        return ModelState("FP16_UnfusedOptimizer, bf16", 2 * p, 2 * p, 2 * p, 4 * p, 8 * p, 0, flat, 4 * p,
+                          foreach * p)
     if zero == 0:
         return ModelState("BF16_Optimizer, bf16 (states sharded over dp)", 2 * p, 2 * p, 2 * p, 4 * shard,
-                          8 * shard, 2 * p, flat, (4 + foreach) * shard)
+                          8 * shard, 2 * p, flat, 4 * shard, foreach * shard)
     if zero in (1, 2):
         # Stage 1 accumulates whole gradients until the last micro-batch, whose backward moves them
         # into the reduce bucket; stage 2 reduces every micro-batch into its gradient partition. The
@@ -174,14 +185,20 @@ def model_state(precision: str, zero: int, pipeline: bool, params: int, dp: int,
         resident_bucket, filled_bucket = (bucket, 0) if gpu else (0, bucket)
         return ModelState(f"DeepSpeedZeroOptimizer stage {zero}, {precision}", e * p,
                           (0 if zero == 1 else e * shard) + filled_bucket, accumulated, 4 * shard, 8 * shard,
-                          resident_bucket, e * shard if zero == 1 else 0, (fp32_grads + foreach) * shard)
-    # In fp32 the parameter partition is the master copy. Gradients: the partition in the model's
-    # precision and the fp32 one the optimizer steps on, kept from step to step. The reduce bucket is
-    # allocated once (a CPU keeps the pages it wrote) and the gathered weights stay between passes.
+                          resident_bucket, e * shard if zero == 1 else 0, fp32_grads * shard, foreach * shard)
+    # In fp32 the parameter partition is the master copy. The gradient partition, in the model's precision,
+    # is allocated once and kept. The step builds the fp32 gradient partition it steps on (a flattened copy
+    # first), sub-group by sub-group, and frees each after its sub-group's step (stage3.py:
+    # _prepare_fp32_grad_for_sub_group, _release_sub_group): with the 16 bytes the ZeRO paper counts per
+    # parameter (bf16 weights, gradients; fp32 master, moments), 20 bytes / dp at the step, 16 before it.
+    # The reduce bucket is allocated once (a CPU keeps the pages it wrote) and the gathered weights stay
+    # between passes.
     master = 4 * shard if precision == "bf16" else 0
-    return ModelState(f"DeepSpeedZeroOptimizer_Stage3, {precision}", e * shard, (e + 4) * shard, (e + 4) * shard,
-                      master, 8 * shard, bucket + e * min(p, ZERO3_GATHERED), 0, (e + foreach) * shard,
-                      gradients_persist=True)
+    sub_group = min(shard, SUB_GROUP)
+    flattened = e * sub_group if precision == "bf16" else 0  # in fp32 the flattened copy is the fp32 one
+    return ModelState(f"DeepSpeedZeroOptimizer_Stage3, {precision}", e * shard, e * shard, e * shard, master,
+                      8 * shard, bucket + e * min(p, ZERO3_GATHERED), 0, 4 * sub_group,
+                      max(flattened, foreach * sub_group), gradients_persist=True)
 
 
 # --------------------------------------------------------------------------- activations
@@ -257,7 +274,14 @@ def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> M
     per_layer = saved_per_layer(m, tokens, layout.tp, layout.sequence_parallel, layout.checkpointing, precision,
                                 device)
     head = saved_by_head(m, tokens, layout.tp, layout.sequence_parallel, precision, device) if stage.last else {}
-    pipe_buffers = 2 * tokens * m.d_model * element_bytes(precision) if layout.pp > 1 else 0  # sent, received
+    # DeepSpeed's pipeline keeps, per micro-batch in flight, the output it sent (whole, and with pipe_partitioned
+    # the 1/tp part that travelled) and, unpartitioned, the input it received besides the clone its first block
+    # saves (pipe/engine.py: _exec_recv_activations, _exec_forward_pass).
+    whole = tokens * m.d_model * element_bytes(precision) / (layout.tp if layout.sequence_parallel else 1)
+    partitioned = layout.tp > 1 and not layout.sequence_parallel
+    sent = 0 if stage.last else whole * (1 + 1 / layout.tp if partitioned else 1)
+    received = 0 if stage.first or partitioned else whole
+    pipe_buffers = sent + received if layout.pp > 1 else 0
     per_micro_batch = stage.blocks * sum(per_layer.values()) + sum(head.values()) + pipe_buffers
     # 1F1B: a step's first backward finds up to pp - stage micro-batches in flight and no gradients yet
     # (unless they persist); every later one finds the earlier micro-batches' gradients, and one fewer
@@ -273,10 +297,11 @@ def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> M
     resident = state.weights + state.master + state.moments + state.buffers
     needs = {"start of backward": max(first, later) + working,  # what each moment of a step adds to the resident
              "end of backward": state.gradients + state.reduce,
-             "optimizer step": state.gradients + state.step}
+             "optimizer step": state.gradients + state.fp32_gradients + state.step}
     peak_at = max(needs, key=needs.get)
     inputs = {"tokens per micro-batch": tokens, "micro-batches per step": micro_batches,
               "micro-batches in flight": in_flight, "blocks on this stage": stage.blocks,
+              "pipeline buffers per micro-batch (bytes)": pipe_buffers,
               "parameters on this GPU": stage.params, "saved per block per micro-batch (bytes)": per_layer,
               "saved by the final norm and loss (bytes)": head}
     return Memory(stage, state, activations, working, peak_at, resident + needs[peak_at], inputs)

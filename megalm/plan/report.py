@@ -5,8 +5,9 @@
 
 Each layout megalm would accept (``layout.layouts``; with the fields given on the command line, such
 as ``parallel.tp=8``, as given) gets a per-GPU memory estimate
-(``memory.memory``) and a step time (``step_time.step_time``); those that fit the GPU are ranked by
-tokens/s. The report shows the top ones, then the inputs of every formula for the best, and the
+(``memory.memory``) and a step time (``step_time.step_time``: each matmul at the share of the peak its
+shape reaches, ``matmuls``, unless --efficiency gives one share for all); those that fit the GPU are
+ranked by tokens/s. The report shows the top ones, then the inputs of every formula for the best, and the
 overrides that select it.
 """
 
@@ -22,6 +23,7 @@ from megalm.errors import ConfigError
 from megalm.model.transformer import parameter_count
 from megalm.plan.hardware import CUDA_OVERHEAD_GB, Cluster, cluster
 from megalm.plan.layout import PINNABLE, Candidate, layouts, pinned
+from megalm.plan.matmuls import SUSTAINED_SHARE
 from megalm.plan.memory import GB, Memory, memory
 from megalm.plan.step_time import StepTime, step_time
 
@@ -103,13 +105,16 @@ def _header(plan: Plan) -> list[str]:
     cfg, c = plan.cfg, plan.cluster
     m, t = cfg.model, cfg.train
     seq, batch = cfg.data.seq_len, t.global_batch
+    matmuls = (f"every matmul at --efficiency {c.efficiency:g} of it (replaces the table)" if c.efficiency else
+               f"each matmul at its shape's share (plan/matmuls.py: {c.gpu.mamf_source}; x {SUSTAINED_SHARE:g} "
+               f"sustained; roofline at {c.gpu.hbm_tbs:g} TB/s)")
     lines = [
         f"model: {m.name} ({m.style}, {parameter_count(m) / 1e9:.3g}B parameters, {m.n_layers} layers x {m.d_model}, "
         f"{m.n_heads} heads ({m.kv_heads} kv), ffn {m.ffn_dim}, vocab {m.vocab_size} from {plan.vocab_note}, "
         f"{'tied' if m.tie_embeddings else 'untied'} embeddings)",
         f"run: seq {seq}, global batch {batch} sequences ({batch * seq:,} tokens), {t.precision}",
         f"cluster: {c.gpus} x {c.gpu.name} ({c.gpu.memory_gb:g} GB, {c.gpus_per_node} per node), dense peak "
-        f"{c.gpu.peak_tflops(t.precision):g} TFLOP/s {t.precision} x efficiency {c.efficiency:g}; links per GPU: "
+        f"{c.gpu.peak_tflops(t.precision):g} TFLOP/s {t.precision}, {matmuls}; links per GPU, achieved: "
         f"{c.intra_node_gbs:g} GB/s in a node, {c.inter_node_gbs:g} GB/s between nodes",
         f"fits: allocated peak <= {c.usable_gb:.1f} GB = ({c.gpu.memory_gb:g} GB - {CUDA_OVERHEAD_GB:g} GB CUDA "
         f"context/NCCL/workspaces) x allocatable share",
@@ -155,30 +160,47 @@ def _explain(e: Estimate, plan: Plan) -> list[str]:
              f"  DeepSpeed buffers {_gb(state.buffers)}   (reduce bucket, accumulation buffer, ZeRO-3's gathered "
              f"weights)",
              f"  activations       {_gb(mem.activations)}   ({mem.inputs['micro-batches in flight']} micro-batch(es) "
-             f"in flight x {mem.stage.blocks} blocks, {mem.inputs['tokens per micro-batch']:,} tokens each)",
+             f"in flight x {mem.stage.blocks} blocks, {mem.inputs['tokens per micro-batch']:,} tokens each, and "
+             f"{mem.inputs['pipeline buffers per micro-batch (bytes)'] / GB:.2f} GB of pipeline buffers each)",
              f"  backward working  {_gb(mem.working)}   (loss gradients over the vocabulary, or a recomputed block)",
              f"  end of backward   {_gb(state.reduce)}   (flattened gradients for the data-parallel reduction)",
-             f"  optimizer step    {_gb(state.step)}   (fp32 gradient copies, multi-tensor AdamW temporaries)",
-             f"  = allocated peak  {_gb(mem.allocated)}   (+ {CUDA_OVERHEAD_GB:g} GB CUDA context/NCCL not in it)",
-             "  saved per block and micro-batch:"]
+             f"  optimizer step    {_gb(state.fp32_gradients + state.step)}   (fp32 gradients "
+             f"{state.fp32_gradients / GB:.2f} GB, multi-tensor AdamW temporaries, flattening copies)",
+             f"  = allocated peak  {_gb(mem.allocated)}   (+ {CUDA_OVERHEAD_GB:g} GB CUDA context/NCCL not in it)"]
+    if lay.zero == 3:
+        lines.append(f"  ZeRO-3 model state at the optimizer step: {state.at_step / p:.3g} bytes per parameter = "
+                     f"{state.at_step * dp / p:.3g} / dp {dp}: weights, gradients, fp32 master and moments (the ZeRO "
+                     f"paper's 16 in bf16) and the fp32 gradient partition DeepSpeed builds for the step (4 more)")
+    lines.append("  saved per block and micro-batch:")
     for name, nbytes in mem.inputs["saved per block per micro-batch (bytes)"].items():
         lines.append(f"    {name:<58} {nbytes / 1e6:10.1f} MB")
     for name, nbytes in mem.inputs["saved by the final norm and loss (bytes)"].items():
         lines.append(f"    last stage: {name:<46} {nbytes / 1e6:10.1f} MB")
     ti = time.inputs
+    how = (f"every matmul at --efficiency {ti['efficiency']:g}" if ti["efficiency"] else
+           "shares of the peak from each matmul's shape (plan/matmuls.py)")
     lines += [
         f"step time: {time.total_s:.4f} s -> {time.tokens_per_s:,.0f} tokens/s, MFU {100 * time.mfu:.1f}%",
-        f"  compute  {time.compute_s:8.4f} s = ({ti['FLOPs per token (flops_per_token)']:,} + "
-        f"{ti['recomputed FLOPs per token']:,.0f} recomputed) FLOPs/token x {plan.cfg.data.seq_len} tokens x "
-        f"{ti['sequences per data-parallel rank (padding included)']} sequences / (tp {lay.tp} x pp {lay.pp}) / "
-        f"({ti['peak TFLOP/s']:g} TFLOP/s x {ti['efficiency']:g})",
+        f"  matmuls  {time.compute_s:8.4f} s   ({ti['micro-batches per step']} micro-batches x "
+        f"{ti['blocks on the slowest stage']} blocks (+ head) on the slowest stage, forward, recomputed forward "
+        f"({lay.checkpointing}) and the two gradient matmuls of each, at {ti['peak TFLOP/s']:g} TFLOP/s x {how}):"]
+    shares = ti["matmul shares"]
+    for name, mm, nn, kk, count in ti["matmuls (forward)"]:
+        lines.append(f"    {name:<18} {mm:>7} x {nn:>6} x {kk:>6}{f' x {count}' if count > 1 else '':<8} "
+                     f"{shares[name]:.2f}")
+    lines += [
+        f"  memory   {time.memory_s:8.4f} s   (norms, residual adds, activation, dropout: "
+        f"{ti['memory-bound bytes per block'] / 1e6:,.1f} MB per block and micro-batch, and the loss, at "
+        f"{ti['memory GB/s']:,.0f} GB/s; attention: {ti['attention kernel']})",
         f"  bubble   {time.bubble_s:8.4f} s = {100 * ti['bubble share']:.1f}% of the pipeline's time "
-        f"((pp - 1) / (micro-batches + pp - 1), {mem.inputs['micro-batches per step']} micro-batches)",
+        f"(pp - 1 = {lay.pp - 1} slots of the slowest stage's micro-batch / {ti['model chunks per GPU']} model "
+        f"chunk(s) per GPU, against {ti['micro-batches per step']} of work)",
         f"  tp comm  {time.tp_s:8.4f} s   (activation {ti['activation per micro-batch (bytes)'] / 1e6:,.1f} MB "
         f"per collective at {ti['tp link GB/s']:g} GB/s)",
         f"  dp comm  {time.dp_s:8.4f} s   (gradients {ti['gradient bytes per rank (largest stage)'] / GB:.2f} GB per "
         f"rank at {ti['dp link GB/s']:g} GB/s, ZeRO {lay.zero})",
-        f"  pp comm  {time.pp_s:8.4f} s   (at {ti['pp link GB/s']:g} GB/s)",
+        f"  pp comm  {time.pp_s:8.4f} s   ({ti['pipeline messages per slot']} messages per micro-batch slot at "
+        f"{ti['pp link GB/s']:g} GB/s, each after {1e6 * ti['p2p latency (s)']:g} us of latency)",
         "  (no communication overlaps compute)",
         "use it: megalm train CONFIG " + " ".join(lay.overrides()),
     ]
