@@ -38,6 +38,10 @@ export TORCH_EXTENSIONS_DIR=$PWD/build/torch-extensions
 if [ "$dry" = 1 ]; then
     slug=dry-run
     budget() { echo 300; }
+    # the compiled variant runs as on the GPU but without inductor's minutes of compiling on a CPU
+    # (tests/test_train.py trains compiled blocks for real)
+    export TORCH_COMPILE_DISABLE=1
+    echo "gpu_check: dry run: torch.compile disabled (TORCH_COMPILE_DISABLE=1)"
 else
     slug=$($PY -c "import torch; from megalm_kernels.provenance import device_name, device_slug; \
 print(device_slug(device_name(torch.device('cuda'))))") || { echo "gpu_check: no CUDA device" >&2; exit 2; }

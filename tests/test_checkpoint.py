@@ -58,14 +58,14 @@ def test_async_save_writes_what_sync_save_writes(single_run, data_args, tmp_path
 
 
 def test_kill_9_at_any_moment_then_resume(data_args, tmp_path):
-    """Several trials: SIGKILL at a random moment, or while a checkpoint is being written; every
+    """Two trials: SIGKILL while a checkpoint is being written, and at a random moment; every
     time `latest` names a checkpoint that verifies, and resuming ends on the uninterrupted losses."""
     args = [CONFIG, *TINY, *data_args, "train.steps=8", "train.save_every=1", "train.eval_every=100"]
     reference = tmp_path / "reference"
     run_megalm("train", *args, f"train.run_dir={reference}")
     expected = rows_by_step(reference)
     rng = random.Random(0)
-    for trial in range(3):
+    for trial in range(2):
         run_dir = tmp_path / f"trial{trial}"
         cmd = [sys.executable, "-m", "megalm.cli", "train", *args, f"train.run_dir={run_dir}"]
         proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -134,7 +134,7 @@ def test_a_killed_node_is_replaced_by_a_spare_and_a_stopped_rank_named(slurm, da
     kill_dir, stop_dir = tmp_path / "kill", tmp_path / "stop"
     common = [CONFIG, *TINY, *data_args, *LONG, "train.watchdog_timeout_s=8", "slurm.max_requeues=0", "--nodes", "2",
               "--gpus-per-node", "1", "--cpu", "--time", "10"]
-    kill_job = submit(slurm, *common, f"train.run_dir={kill_dir}", "train.steps=120", "train.save_every=20",
+    kill_job = submit(slurm, *common, f"train.run_dir={kill_dir}", "train.steps=80", "train.save_every=20",
                       "--spare-nodes", "1")
     stop_job = submit(slurm, *common, f"train.run_dir={stop_dir}", "slurm.max_restarts=0")
     for run_dir in (kill_dir, stop_dir):
@@ -169,8 +169,8 @@ def test_a_killed_node_is_replaced_by_a_spare_and_a_stopped_rank_named(slurm, da
                                "processes died); left out, the spare node3 takes its place") in log, log[-4000:]
     again = log.split("megalm job: restarting on node1,node3")[1]
     assert f"step {kill_job}.1 on node1,node3" in again and "resume: from " in again
-    assert "finished: the newest checkpoint is at step 120 of 120" in log
-    assert steps_logged(kill_dir)[-1] == 120 and sorted(set(steps_logged(kill_dir))) == list(range(1, 121))
+    assert "finished: the newest checkpoint is at step 80 of 80" in log
+    assert steps_logged(kill_dir)[-1] == 80 and sorted(set(steps_logged(kill_dir))) == list(range(1, 81))
     print(f"\nstop: the job ended {ended_after:.0f} s after its rank 1 was stopped; kill: node2 replaced, finished")
 
 
