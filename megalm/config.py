@@ -221,6 +221,8 @@ class TrainConfig:
                                              "LR schedule goes on from its step (train.steps must exceed it); the "
                                              "data position and random streams still start fresh")
     progress: bool = field(True, "show a progress bar on rank 0")
+    plot: bool = field(True, "draw the run's pictures when it ends: RUN_DIR/loss.png (and a classifier's "
+                             "confusion.png; its numbers are in eval.json either way)")
     wandb: WandbConfig = field(WandbConfig(), "Weights & Biases logging")
     profile: ProfileConfig = field(ProfileConfig(), "torch profiler traces of chosen steps (RUN_DIR/profile/)")
     spike: SpikeConfig = field(SpikeConfig(), "loss spikes rolled back (megalm/train/rollback.py)")

@@ -50,7 +50,8 @@ def single_run(data_args, tmp_path_factory):
     """The reference: one plain process, 6 steps, checkpoints at 3 and 6; steps 2-3 profiled."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
     run_megalm("train", CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}",
-               "train.steps=6", "train.save_every=3", "train.eval_every=3", "train.profile.steps=[2,3]")
+               "train.steps=6", "train.save_every=3", "train.eval_every=3", "train.profile.steps=[2,3]",
+               "train.plot=true")
     return run_dir
 
 

@@ -34,6 +34,7 @@ TINY = [
     "data.shard_tokens=4000", "data.eval_sequences=16", "train.global_batch=4", "train.micro_batch_size=4",
     "train.steps=5", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=5", "train.progress=false",
     "train.wandb.mode=disabled", "train.lr=3e-3",
+    "train.plot=false",  # matplotlib costs ~0.8 s a run; the tests of the pictures ask for them
 ]
 
 # a storage command (data.dir=pipe:...) that refuses train shards to rank $DENY_RANK once it has

@@ -23,7 +23,7 @@ from tests.helpers import metrics, run_megalm, torchrun, train_losses
 # 60 steps of 32 texts of at most 32 tokens: about six epochs of the 320 training chunks
 FINETUNE = ["train.steps=60", "train.global_batch=32", "train.micro_batch_size=32", "train.lr=1e-3",
             "train.min_lr=1e-4", "train.warmup_steps=5", "train.log_every=1", "train.eval_every=30",
-            "train.progress=false", "train.wandb.mode=disabled"]
+            "train.progress=false", "train.wandb.mode=disabled", "train.plot=false"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def finetune(launch, ckpt, example, run_dir, *overrides):
 def classifier(single_run, example, tmp_path_factory):
     """The reference: one process, uninterrupted."""
     run_dir = tmp_path_factory.mktemp("classify") / "run"
-    finetune(run_megalm, single_run, example, run_dir)
+    finetune(run_megalm, single_run, example, run_dir, "train.plot=true")
     return run_dir
 
 

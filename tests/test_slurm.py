@@ -93,7 +93,9 @@ def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_arg
     run_dir = tmp_path / "run"
     args = [CONFIG, *TINY, *data_args, *LONG, f"train.run_dir={run_dir}", "slurm.signal_lead_s=40"]
     started = time.monotonic()
-    job = submit(slurm, *args, "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--time", "1")
+    # each step made to take 0.1 s longer, so that waiting for the time limit leaves the CPU to the other tests
+    idle = {"MEGALM_FAULTS": "slow=0.1@1-100000"}
+    job = submit({**slurm, **idle}, *args, "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--time", "1")
     # the time limit's signal comes 20-50 s in (Slurm checks every 30 s): every rank saves, the job
     # requeues itself. The requeued job gets a longer limit (this Slurm signals a requeued
     # one-minute job again within seconds), resumes, and goes on until it is cancelled.
@@ -134,19 +136,21 @@ def test_a_killed_node_is_replaced_by_a_spare_and_a_stopped_rank_named(slurm, da
     kill_dir, stop_dir = tmp_path / "kill", tmp_path / "stop"
     common = [CONFIG, *TINY, *data_args, *LONG, "train.watchdog_timeout_s=8", "slurm.max_requeues=0", "--nodes", "2",
               "--gpus-per-node", "1", "--cpu", "--time", "10"]
-    kill_job = submit(slurm, *common, f"train.run_dir={kill_dir}", "train.steps=80", "train.save_every=20",
+    kill_job = submit(slurm, *common, f"train.run_dir={kill_dir}", "train.steps=100", "train.save_every=20",
                       "--spare-nodes", "1")
     stop_job = submit(slurm, *common, f"train.run_dir={stop_dir}", "slurm.max_restarts=0")
-    for run_dir in (kill_dir, stop_dir):
-        wait_until(lambda: len(steps_logged(run_dir)) >= 30, 120, "training to start")
+    # one job at a time: the first may finish before the second is under way
+    wait_until(lambda: len(steps_logged(kill_dir)) >= 20, 120, "the first job to train")
     node2 = [p for p in psutil.process_iter(["cmdline"]) if "megalm.cluster.node" in " ".join(p.info["cmdline"] or [])
              and p.environ().get("SLURM_JOB_ID") == kill_job and p.environ().get("SLURMD_NODENAME") == "node2"]
     tree = [p for launcher in node2 for p in [launcher, *launcher.children(recursive=True)]]
-    victim = rank_process(stop_job, 1)
-    hit = time.monotonic()
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):  # (a short-lived child may be gone already)
             p.kill()
+    killed_at = max(steps_logged(kill_dir))
+    wait_until(lambda: len(steps_logged(stop_dir)) >= 30, 120, "the second job to train")
+    victim = rank_process(stop_job, 1)
+    hit = time.monotonic()
     victim.suspend()
 
     wait_until(lambda: not running(slurm, stop_job), 120, "the stopped job to end")
@@ -164,13 +168,14 @@ def test_a_killed_node_is_replaced_by_a_spare_and_a_stopped_rank_named(slurm, da
 
     wait_until(lambda: not running(slurm, kill_job), 180, "the job with a killed node to finish")
     log = job_log(kill_dir)
-    assert len(tree) >= 3 and ("megalm job: restarting on node1,node3 from the newest checkpoint (restart 1 of at "
-                               "most 3, slurm.max_restarts); node2: its launcher never reported back (the node or its "
-                               "processes died); left out, the spare node3 takes its place") in log, log[-4000:]
+    assert len(tree) >= 3 and killed_at < 100, (len(tree), killed_at)  # launcher, torchrun and rank, mid-run
+    assert ("megalm job: restarting on node1,node3 from the newest checkpoint (restart 1 of at most 3, "
+            "slurm.max_restarts); node2: its launcher never reported back (the node or its processes died); left "
+            "out, the spare node3 takes its place") in log, log[-4000:]
     again = log.split("megalm job: restarting on node1,node3")[1]
     assert f"step {kill_job}.1 on node1,node3" in again and "resume: from " in again
-    assert "finished: the newest checkpoint is at step 80 of 80" in log
-    assert steps_logged(kill_dir)[-1] == 80 and sorted(set(steps_logged(kill_dir))) == list(range(1, 81))
+    assert "finished: the newest checkpoint is at step 100 of 100" in log
+    assert steps_logged(kill_dir)[-1] == 100 and sorted(set(steps_logged(kill_dir))) == list(range(1, 101))
     print(f"\nstop: the job ended {ended_after:.0f} s after its rank 1 was stopped; kill: node2 replaced, finished")
 
 

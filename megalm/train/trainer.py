@@ -413,7 +413,8 @@ class Trainer:
         if self.world.is_main:
             if scores is not None and self.state.step >= t.steps:
                 self.task.finish(self.run_dir, scores, self.state.step)
-            plot_loss(self.run_dir)
+            if t.plot:
+                plot_loss(self.run_dir)
         self.watchdog.close()  # the last collective: after it every rank has nothing left to do but exit
         return Summary(self.run_dir, self.state.step, self.state.tokens, scores, time.time() - self.t_start,
                        end.checkpoint, self.task.unigram_entropy_nats, end.stopped)

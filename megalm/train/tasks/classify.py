@@ -116,6 +116,7 @@ class Classification:
         record = {"eval_file": c.eval_file, "train_file": c.train_file, "init_from": str(self.base), "step": step,
                   **scores["report"]}
         atomic_write_text(run_dir / "eval.json", json.dumps(record, indent=1) + "\n")
-        plot_confusion(record, run_dir / "confusion.png",
-                       f"{run_dir.name}, step {step}\naccuracy {record['accuracy']:.3f} "
-                       f"(majority baseline {record['majority_baseline']['accuracy']:.3f})")
+        if self.cfg.train.plot:
+            plot_confusion(record, run_dir / "confusion.png",
+                           f"{run_dir.name}, step {step}\naccuracy {record['accuracy']:.3f} "
+                           f"(majority baseline {record['majority_baseline']['accuracy']:.3f})")
