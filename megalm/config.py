@@ -138,13 +138,19 @@ class DataConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tp: int = field(1, "tensor-parallel size: ranks splitting each layer's heads and MLP (keep inside a node)")
-    pp: int = field(1, "pipeline-parallel size: stages of consecutive layers (1F1B over micro-batches)")
+    pp: int = field(1, "pipeline-parallel size: ranks holding consecutive layers, run by parallel.pp_schedule")
     dp: int = field(0, "data-parallel size; 0 means world_size / (tp * pp)")
     sequence_parallel: bool = field(False, "shard activations outside the tensor-parallel matmuls along the sequence")
     activation_checkpointing: Literal["none", "full", "selective"] = field(
         "none", "recompute in backward: whole blocks (full) or the attention core only (selective)")
     pp_partition: Literal["parameters", "uniform"] = field(
-        "parameters", "how layers are assigned to pipeline stages: balance parameters, or equal layer counts")
+        "parameters", "how layers are assigned to pipeline chunks: balance parameters, or equal layer counts")
+    pp_schedule: Literal["1f1b", "interleaved", "zb", "zbv"] = field(
+        "1f1b", "pipeline schedule (torch.distributed.pipelining): 1f1b; interleaved 1F1B over "
+                "parallel.virtual_stages chunks per rank; zb, zero bubble on those chunks (backward split into "
+                "input and weight gradients); zbv, zero bubble on 2 chunks per rank placed in a V")
+    virtual_stages: int = field(0, "pipeline chunks per rank (0: the schedule's own: 2 for interleaved and zbv, "
+                                   "else 1)")
 
 
 @dataclass(frozen=True)
@@ -597,7 +603,7 @@ def validate_task(cfg: Config) -> None:
         raise ConfigError(f"classify.max_len: {c.max_len} is longer than the model's model.max_seq_len={m.max_seq_len}")
     if m.objective == "masked" and p.pp > 1:
         raise ConfigError(f"parallel.pp: a masked (bidirectional) classifier masks each text's padding in every "
-                          f"block, which DeepSpeed's pipeline does not carry between stages; use pp=1 (got {p.pp})")
+                          f"block, which megalm's pipeline does not carry between stages; use pp=1 (got {p.pp})")
 
 
 def validate_model_split(cfg: Config) -> None:
@@ -617,15 +623,27 @@ def validate_model_split(cfg: Config) -> None:
     if p.sequence_parallel and cfg.data.seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} is not divisible by tp={p.tp}")
     if p.pp > 1:
-        if m.n_layers < p.pp:
-            raise ConfigError(f"parallel.pp: {p.pp} pipeline stages need at least {p.pp} layers; model.n_layers={m.n_layers}")
-        if cfg.train.zero_stage == 0 and cfg.train.grad_clip > 0 and m.tie_embeddings and cfg.train.task == "lm":
-            raise ConfigError(
-                f"train.zero_stage: with parallel.pp={p.pp}, tied embeddings and gradient clipping use ZeRO stage 1: "
-                f"DeepSpeed's stage-0 pipeline path counts the tied embedding's gradient twice in the clipping norm")
+        v = virtual_stages(p)
+        runs = {"1f1b": (v == 1, "1 chunk"), "interleaved": (v >= 2, "2 or more chunks"), "zbv": (v == 2, "2 chunks"),
+                "zb": (True, "")}[p.pp_schedule]
+        if not runs[0]:
+            raise ConfigError(f"parallel.virtual_stages: the {p.pp_schedule} schedule runs {runs[1]} per rank; got {v}")
+        layers = m.n_layers + 3  # the embedding, the blocks, the final norm and the head
+        if layers < p.pp * v:
+            raise ConfigError(f"parallel.pp: {p.pp} ranks x {v} chunks need at least {p.pp * v} layers; the model has "
+                              f"{layers} (model.n_layers={m.n_layers}, the embedding, the final norm and the head)")
         if cfg.train.zero_stage > 1:
             raise ConfigError(f"train.zero_stage: ZeRO stage {cfg.train.zero_stage} cannot be combined with "
-                              f"parallel.pp={p.pp}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
+                              f"parallel.pp={p.pp}: it reduces gradients during backward, which the pipeline "
+                              f"schedule runs outside DeepSpeed's engine; use ZeRO stage 0 or 1")
+        if cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:
+            raise ConfigError(f"train.zero_stage: with parallel.pp={p.pp}, bf16 uses ZeRO stage 1 (its fp32 master "
+                              f"weights and gradient reduction); got train.zero_stage=0")
+
+
+def virtual_stages(p: ParallelConfig) -> int:
+    """Pipeline chunks per rank: ``parallel.virtual_stages``, or the schedule's own."""
+    return p.virtual_stages or (2 if p.pp_schedule in ("interleaved", "zbv") else 1)
 
 
 VOCAB_MULTIPLE = 128  # the model's vocabulary is the tokenizer's rounded up to this (fast matmuls, TP splits)
@@ -647,6 +665,12 @@ def validate_layout(cfg: Config, world_size: int) -> None:
             f"parallel.dp: tp={p.tp} x pp={p.pp} x dp={dp} needs {need} processes, but {world_size} were started; "
             f"start {need} (torchrun --nproc_per_node={need}) or leave parallel.dp=0")
     batch = batch_layout(cfg, dp)
+    if p.pp > 1 and batch.grad_accum < p.pp:
+        raise ConfigError(
+            f"train.micro_batch_size: a pipeline of {p.pp} ranks needs at least {p.pp} micro-batches a step; "
+            f"train.global_batch={batch.global_batch} over dp={dp} makes {batch.grad_accum} of "
+            f"{batch.micro_batch_size}; use train.micro_batch_size={max(1, batch.global_batch // (dp * p.pp))} or less "
+            f"(more micro-batches also shrink the pipeline's idle time, (pp - 1) / (micro-batches + pp - 1) with 1f1b)")
     if batch.padding:
         log.warning("train.global_batch: %d sequences over %d data-parallel ranks x %d micro-batches of %d leave %d "
                     "padding sequences per step (%.0f%% of the compute); a global batch that is a multiple of "

@@ -9,7 +9,8 @@ from tests.helpers import CONFIG, DENY_SCRIPT, TINY, Watched, make_corpus, run_m
 
 # The files that take longest, started first so that neither of the two workers (pyproject.toml's
 # addopts) is left with a long file at the end; the rest keep their order.
-LONGEST_FIRST = ["test_slurm.py", "test_checkpoint.py", "test_self_healing.py", "test_parallel.py", "test_train.py",
+LONGEST_FIRST = ["test_slurm.py", "test_checkpoint.py", "test_self_healing.py", "test_parallel.py", "test_pipeline.py",
+                 "test_train.py",
                  "test_failures.py", "test_plan.py", "test_classify.py", "test_activation_memory.py", "test_masked.py",
                  "test_gpu_check.py"]
 

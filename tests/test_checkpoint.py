@@ -118,7 +118,7 @@ def test_resume_on_other_layouts_continues_the_curve(single_run, data_args, tmp_
     run_dir = tmp_path / "run"
     base = [CONFIG, *TINY, *data_args, f"train.run_dir={run_dir}", "train.steps=6", "train.eval_every=3"]
     legs = [(2, ["parallel.tp=2", "train.zero_stage=1"]), (1, ["train.zero_stage=2"]),
-            (2, ["train.zero_stage=3", "train.micro_batch_size=2"]), (2, ["parallel.pp=2", "train.zero_stage=1"]),
+            (2, ["train.zero_stage=3", "train.micro_batch_size=2"]), (2, ["parallel.pp=2", "train.zero_stage=1", "train.micro_batch_size=2"]),
             (1, ["train.zero_stage=0"])]
     for stop_at, (nproc, layout) in enumerate(legs, start=2):
         args = [*base, *layout, f"train.stop_at={stop_at}" if stop_at < 6 else "train.stop_at=0"]

@@ -124,7 +124,7 @@ def test_tensor_sequence_and_pipeline_parallel_classifiers_equal_one_process(cla
     evaluation, to float rounding."""
     reference = train_losses(classifier)[:4]
     evaluations = []
-    for layout in (["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.pp=2"]):
+    for layout in (["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.pp=2", "train.micro_batch_size=16"]):
         run_dir = tmp_path / layout[0]
         finetune(lambda *args: torchrun(2, *args), single_run, example, run_dir, *layout, "train.steps=60",
                  "train.stop_at=4", "train.eval_every=4")

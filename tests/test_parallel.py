@@ -22,7 +22,8 @@ LLAMA_MQA = ["model=llama-tiny", "model.n_layers=2", "model.d_model=64", "model.
 # (tp=2 alone, with and without SP, is also checked layer by layer against one process in
 # tests/test_activation_memory.py; here every layout goes through megalm train and DeepSpeed)
 LAYOUTS = {  # name: (processes, overrides, reference)
-    "pp=2 (ZeRO 1)": (2, ["parallel.pp=2", "train.zero_stage=1"], "gpt2"),
+    "pp=2 (ZeRO 1), zero-bubble schedule": (2, ["parallel.pp=2", "train.zero_stage=1", "train.micro_batch_size=2",
+                                               "parallel.pp_schedule=zb"], "gpt2"),
     "tp=2 x dp=2 (ZeRO 3)": (4, ["parallel.tp=2", "train.zero_stage=3", "train.micro_batch_size=2"], "gpt2"),
     "tp=2 x pp=2, SP, full recompute, 2 micro-batches": (
         4, ["parallel.tp=2", "parallel.pp=2", "train.zero_stage=1", "parallel.sequence_parallel=true",
@@ -74,9 +75,16 @@ def test_every_layout_matches_one_process(data_args, single_run, llama_single, t
     (["model=llama-tiny", "model.n_heads=6", "model.n_kv_heads=3", "parallel.tp=2"], 2,
      "model.n_kv_heads=3 must divide or be divisible by tp=2"),
     (["parallel.tp=3", "model.n_heads=6"], 3, "parallel.tp: 3 must divide 128"),
-    (["parallel.pp=8"], 8, "8 pipeline stages need at least 8 layers; model.n_layers=4"),
+    (["parallel.pp=8"], 8, r"8 ranks x 1 chunks need at least 8 layers; the model has 7 \(model.n_layers=4,"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.virtual_stages=4"], 2,
+     "8 layers; the model has 7"),
+    (["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.virtual_stages=3"], 2,
+     "parallel.virtual_stages: the zbv schedule runs 2 chunks per rank; got 3"),
     (["parallel.pp=2", "train.zero_stage=3"], 2, "ZeRO stage 3 cannot be combined with parallel.pp=2"),
-    (["parallel.pp=2"], 2, "tied embeddings and gradient clipping use ZeRO stage 1"),
+    (["parallel.pp=2", "train.precision=bf16"], 2, "with parallel.pp=2, bf16 uses ZeRO stage 1"),
+    (["parallel.pp=2", "train.global_batch=8", "train.micro_batch_size=8"], 2,
+     "a pipeline of 2 ranks needs at least 2 micro-batches a step; train.global_batch=8 over dp=1 makes 1 of 8; "
+     "use train.micro_batch_size=4 or less"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=129"], 2, "data.seq_len=129 is not divisible"),
 ])
 def test_layout_errors_are_config_errors(overrides, world, message):

@@ -36,12 +36,12 @@ from megalm.model.transformer import Transformer, parameter_count
 from megalm.observe.flops import flops_per_token
 from megalm.parallel.mesh import Mesh
 from megalm.parallel.tensor_parallel import TPContext
+from megalm.model.pipeline import layer_parameters
 from megalm.plan import published
 from megalm.plan.hardware import cluster
 from megalm.plan.layout import Candidate
 from megalm.plan.matmuls import SUSTAINED_SHARE, block_matmuls, share
 from megalm.plan.memory import (
-    layer_parameters,
     memory,
     model_state,
     saved_by_head,

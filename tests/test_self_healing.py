@@ -22,7 +22,7 @@ LAYOUTS = {
     "dp=2, ZeRO 2, bf16": (2, ["train.zero_stage=2", "train.precision=bf16", "train.micro_batch_size=2"], 1),
     "dp=2, ZeRO 3": (2, ["train.zero_stage=3", "train.micro_batch_size=2"], 0),
     "tp=2, ZeRO 0": (2, ["parallel.tp=2", "train.grad_clip=0"], 1),
-    "pp=2, ZeRO 1": (2, ["parallel.pp=2", "train.zero_stage=1"], 1),
+    "pp=2, ZeRO 1": (2, ["parallel.pp=2", "train.zero_stage=1", "train.micro_batch_size=2"], 1),
 }
 
 
@@ -160,7 +160,7 @@ def test_a_slow_rank_is_named_and_a_mismatched_collective_is_shown_on_every_rank
     named_at = int(log.split(") is a straggler: ")[1].split("up to step ")[1].split(":")[0])
     assert named_at <= 10 and log.count("is a straggler") == 1, named_at
     rows = [r for r in metrics(run_dir) if "loss" in r]
-    assert len(rows) == 13 and all(r["slowest_rank"] == 2 and 0.15 < r["slowest_rank_lag_s"] < 0.4 for r in rows)
+    assert len(rows) == 13 and all(r["slowest_rank"] == 2 and 0.15 < r["slowest_rank_lag_s"] < 0.6 for r in rows), rows
     verdict = next(line for line in log.splitlines() if line.startswith("megalm[0]: watchdog: every rank is stuck"))
     assert ("ranks 0, 2, 3 wait in all_reduce on dp 0,1,2,3 #" in verdict and "(16 B float64); rank 1 waits in "
             "all_reduce on world #" in verdict and "(4 B float32)" in verdict and "rank 1 the odd one out" in verdict)

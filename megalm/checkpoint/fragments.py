@@ -145,7 +145,7 @@ def local_slots(engine, mesh: Mesh, names: dict[nn.Parameter, str], *, saving: b
 
     ``names`` maps each local parameter to its one-process name. Saving, a value held by several
     ranks is written once: tensor-parallel replicas by tensor rank 0, data-parallel replicas (no
-    ZeRO) by data rank 0, tied pipeline weights by the first stage, and ranks that own no part of a
+    ZeRO) by data rank 0, a tied weight by the pipeline rank holding the embedding, and ranks that own no part of a
     parameter write nothing of it. Loading, every local parameter is set (the model's weights
     whole, the optimizer's fragment where this rank owns one)."""
     slots = []
@@ -153,7 +153,7 @@ def local_slots(engine, mesh: Mesh, names: dict[nn.Parameter, str], *, saving: b
         shard = getattr(p, "shard", None)
         shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
         numel = int(torch.Size(shape).numel())
-        replica = (shard is None and mesh.tp_rank != 0) or (mesh.pp_rank != 0 and _tied_copy(engine, p))
+        replica = (shard is None and mesh.tp_rank != 0) or getattr(p, "pipeline_copy", False)
         if hasattr(p, "ds_id"):  # ZeRO 3: each parameter split evenly (padded) over data-parallel ranks
             size = p.ds_tensor.ds_numel
             start, count = mesh.dp_rank * size, max(0, min(size, numel - mesh.dp_rank * size))
@@ -170,12 +170,6 @@ def local_slots(engine, mesh: Mesh, names: dict[nn.Parameter, str], *, saving: b
                             shape=shape, start=start, numel=count)
         slots.append(Slot(engine, p, fragment))
     return slots
-
-
-def _tied_copy(engine, p: nn.Parameter) -> bool:
-    """Whether p is a weight a pipeline ties across stages (the embedding on the first and last)."""
-    tied = getattr(engine.module, "tied_modules", None)
-    return tied is not None and any(p is q for q in tied.parameters())
 
 
 def adam_step(engine) -> int:

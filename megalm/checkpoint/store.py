@@ -89,7 +89,7 @@ class Checkpointer:
         self.layout = Layout(tp=mesh.tp, pp=mesh.pp, dp=mesh.dp, zero_stage=cfg.train.zero_stage)
         self.shared, self.per_rank = shared, per_rank
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.names = one_process_names(engine.module, cfg.model)
+        self.names = one_process_names(engine.module)
         self.staging = Staging()
         self.protected: set[Path] = set()  # never removed by retention (the checkpoint resumed from)
         self.last: SaveStats | None = None

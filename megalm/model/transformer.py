@@ -3,12 +3,10 @@ language-model head (``Head``; with tied embeddings the embedding matrix itself,
 ``Embedding.logits``) or, for a model with ``model.labels``, the classifier head
 (``model/classifier.py``). Each head comes with its loss function.
 
-``Transformer`` runs the list in one process group stage (tensor and data parallel, any ZeRO
-stage). ``pipeline_module`` hands the same layers to DeepSpeed's ``PipelineModule``, which places
-consecutive layers on pipeline stages (1F1B schedule). ``layer_ids`` numbers the layers once for
-everything that needs it: layer ``i`` is initialized from seeds that depend only on ``i`` and the
-parameter's name, so both forms, on any layout, start from the same weights; and the pipeline's
-layer ``i`` holds the parameters the one-process model names ``<layer name>.*``.
+``Transformer`` runs the whole list (tensor and data parallel, any ZeRO stage); a pipeline cuts the
+same layers into chunks (``pipeline.py``). ``layer_ids`` numbers the layers once for everything that
+needs it: layer ``i`` is initialized from seeds that depend only on ``i`` and the parameter's name,
+so every form, on any layout, starts from the same weights.
 """
 
 from __future__ import annotations
@@ -77,20 +75,15 @@ def layer_ids(cfg: ModelConfig) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
-def one_process_names(module: nn.Module, cfg: ModelConfig) -> dict[nn.Parameter, str]:
-    """Each parameter of a ``Transformer`` or of this rank's ``PipelineModule`` stage, with its name
-    in the one-process ``Transformer``: pipeline layer ``i`` is layer id ``i``, and a tied weight
-    (``tied_modules.embed.*``) belongs to the layer it is tied under."""
-    names = {i: name for name, i in layer_ids(cfg).items()}
+def one_process_names(module: nn.Module) -> dict[nn.Parameter, str]:
+    """Each parameter of a ``Transformer`` or of this rank's pipeline chunks, with its name in the
+    one-process ``Transformer``: a chunk's parameters carry it after ``chunks.K.``, and a tied
+    head's copy of the embedding matrix (``tied.weight``) is ``embed.tok.weight``."""
     out = {}
     for name, p in module.named_parameters():
-        head, _, rest = name.partition(".")
-        if head == "tied_modules":
-            out[p] = rest
-        elif head.isdigit():
-            out[p] = f"{names[int(head)]}.{rest}"
-        else:
-            out[p] = name
+        if name.startswith("chunks."):
+            name = name.split(".", 2)[2]
+        out[p] = "embed.tok.weight" if name == "tied.weight" else name
     return out
 
 
@@ -105,35 +98,3 @@ def parameter_count(cfg: ModelConfig) -> int:
     n += cfg.vocab_size * d * (1 if cfg.tie_embeddings or cfg.labels else 2)  # a classifier has no LM head
     n += len(cfg.labels) * (d + 1)
     return n + (cfg.max_seq_len * d if cfg.style == "gpt2" else 0)
-
-
-def pipeline_module(cfg: ModelConfig, mesh: Mesh, *, seed: int, sequence_parallel: bool, checkpointing: str,
-                    partition: str):
-    """The same layers as a DeepSpeed PipelineModule over ``mesh.pp`` stages."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    tp = TPContext(mesh, sequence_parallel)
-    ids = layer_ids(cfg)
-    if cfg.labels:
-        first = LayerSpec(Embedding, cfg, tp, ids["embed"], seed)
-        last = LayerSpec(ClassifierHead, cfg, tp, ids["classifier"], seed)
-    elif cfg.tie_embeddings:
-        first = TiedLayerSpec("embed", Embedding, cfg, tp, ids["embed"], seed, tied_weight_attr=["tok.weight"])
-        last = TiedLayerSpec("embed", Embedding, cfg, tp, ids["embed"], seed, forward_fn=_tied_logits,
-                             tied_weight_attr=["tok.weight"])
-    else:
-        first = LayerSpec(Embedding, cfg, tp, ids["embed"], seed)
-        last = LayerSpec(Head, cfg, tp, ids["head"], seed)
-    blocks = [LayerSpec(Block, cfg, tp, ids[f"blocks.{i}"], seed, checkpointing) for i in range(cfg.n_layers)]
-    layers = [first, *blocks, LayerSpec(FinalNorm, cfg, tp, ids["norm"], seed), last]
-    assert len(layers) == len(ids)  # pipeline layer i must be layer id i
-    topology = PipeModelDataParallelTopology(num_pp=mesh.pp, num_mp=mesh.tp, num_dp=mesh.dp)
-    # a classifier's micro-batches are as long as their longest text: the stages pass on their shapes
-    return PipelineModule(layers=layers, topology=topology, dynamic_shape=bool(cfg.labels),
-                          loss_fn=PooledCrossEntropy() if cfg.labels else LossFunction(tp),
-                          partition_method="parameters" if partition == "parameters" else "uniform")
-
-
-def _tied_logits(embedding: Embedding, x: torch.Tensor) -> torch.Tensor:
-    return embedding.logits(x)

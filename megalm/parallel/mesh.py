@@ -7,7 +7,8 @@ stages are the slowest axis (across nodes). This is also DeepSpeed's
 ``PipeModelDataParallelTopology`` order, so its pipeline engine and ZeRO agree with ours.
 
 The mesh doubles as the ``mpu`` DeepSpeed asks for: ZeRO then shards over the data-parallel group
-only, and gradient norms are summed correctly over tensor-parallel shards.
+only, and gradient norms are summed over the model-parallel group (the tensor and pipeline ranks of
+one replica), counting a replicated weight on tensor rank 0 only.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Mesh:
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
+    model_group: dist.ProcessGroup | None = None  # tp x pp: the ranks of one model replica
 
     @property
     def tp_rank(self) -> int:
@@ -58,15 +60,19 @@ class Mesh:
         return self.tp_rank
 
     def get_model_parallel_world_size(self) -> int:
-        return self.tp
+        return self.tp * self.pp
 
     def get_model_parallel_group(self):
-        return self.tp_group
+        return self.model_group
 
     # newer DeepSpeed code asks with the Megatron-Core names
     get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_tensor_model_parallel_group(self):
+        return self.tp_group
 
     def get_data_parallel_rank(self) -> int:
         return self.dp_rank
@@ -112,6 +118,12 @@ def build_mesh(tp: int, pp: int, world_size: int, rank: int) -> Mesh:
             group = _new_group("pp", [mesh.global_rank(p, d, t) for p in range(pp)])
             if mesh.dp_rank == d and mesh.tp_rank == t:
                 mesh.pp_group = group
+    mesh.model_group = mesh.tp_group
+    if pp > 1:
+        for d in range(dp):
+            group = _new_group("model", [mesh.global_rank(p, d, t) for p in range(pp) for t in range(tp)])
+            if mesh.dp_rank == d:
+                mesh.model_group = group
     return mesh
 
 

@@ -12,7 +12,7 @@ Counted, for the most loaded pipeline stage (bytes; GB = 1e9 bytes, as ``mem_pea
   GPU) and ZeRO-3's gathered parameters (it keeps a parameter gathered when it is used again within
   1e9 elements, so backward finds the last ~5e8 elements of each stage still whole);
 - activations saved for backward, from megalm's layers (``saved_per_layer``), and the activations
-  DeepSpeed's pipeline keeps (the output each stage sent), times the micro-batches in flight (1F1B:
+  torch's pipeline stage keeps (the output each stage sent), times the micro-batches in flight (1F1B:
   pp - stage on stage ``stage``, so pp on the first);
 - the transients of the three moments a step can peak at: the start of backward (all activations,
   plus the loss's vocabulary-sized fp32 buffers or one block's recomputation with full
@@ -33,10 +33,10 @@ RoPE attention in (batch, head, token) order, so its output is copied before the
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 from megalm.config import Config, ModelConfig
+from megalm.model.pipeline import layer_parameters, partition
 from megalm.plan.layout import Candidate
 
 GB = 1e9
@@ -102,50 +102,18 @@ def element_bytes(precision: str) -> int:
 # ----------------------------------------------------------------------------- parameters
 
 
-def layer_parameters(m: ModelConfig, tp: int, pipeline: bool) -> list[int]:
-    """Parameters per tensor-parallel rank of each layer: embed, the blocks, final norm, head.
-
-    Weight matrices are split over tp ranks (the vocabulary of the embedding and head, q/k/v and the
-    MLP's up projection by output, the output projections by input); norms, the position embedding,
-    the biases of the row-parallel output projections and key/value heads fewer than tp ranks are
-    whole on every rank. A pipeline's last stage holds a second copy of a tied embedding (DeepSpeed's
-    TiedLayerSpec, counted there as the head); one process has none.
-    """
-    d, hd, ff, bias = m.d_model, m.head_dim, m.ffn_dim, m.style == "gpt2"
-    norm = d * (2 if bias else 1)
-    q, kv = m.n_heads * hd, 2 * m.kv_heads * hd
-    split_kv = m.kv_heads % tp == 0
-    attn = (d * q + (q if bias else 0)) / tp + (d * kv + (kv if bias else 0)) / (tp if split_kv else 1)
-    attn += q * d / tp + (d if bias else 0)
-    up = ff * (2 if m.style == "llama" else 1)
-    mlp = (d * up + (up if bias else 0)) / tp + ff * d / tp + (d if bias else 0)
-    block = int(attn + mlp + 2 * norm)
-    embed = m.vocab_size * d // tp + (m.max_seq_len * d if m.style == "gpt2" else 0)
-    head = (embed if pipeline else 0) if m.tie_embeddings else m.vocab_size * d // tp
-    return [embed, *[block] * m.n_layers, norm, head]
-
-
 def stages(cfg: Config, layout: Candidate) -> list[Stage]:
-    """The pipeline stages (one without pipelining), split as DeepSpeed's PipelineModule splits the
-    layers (parallel.pp_partition: balancing parameters, or equal layer counts)."""
+    """The pipeline stages (one without pipelining), split as megalm's pipeline splits the layers
+    (parallel.pp_partition: balancing parameters, or equal layer counts; one chunk per rank)."""
     m = cfg.model
     counts = layer_parameters(m, layout.tp, pipeline=layout.pp > 1)
     if layout.pp == 1:
         return [Stage(0, sum(counts), m.n_layers, True, True)]
-    parts = _partition(tuple(counts), layout.pp, cfg.parallel.pp_partition)
+    parts = partition(tuple(counts), layout.pp, cfg.parallel.pp_partition)
     last_block = m.n_layers  # layer ids: 0 embed, 1..n_layers blocks, then norm and head
     return [Stage(s, sum(counts[parts[s]:parts[s + 1]]),
                   len(range(max(parts[s], 1), min(parts[s + 1], last_block + 1))), s == 0, s == layout.pp - 1)
             for s in range(layout.pp)]
-
-
-@functools.cache
-def _partition(counts: tuple[int, ...], pp: int, method: str) -> list[int]:
-    from deepspeed.runtime.utils import partition_balanced, partition_uniform  # what PipelineModule calls
-
-    if method == "parameters":
-        return partition_balanced(weights=list(counts), num_parts=pp)
-    return partition_uniform(num_items=len(counts), num_parts=pp)
 
 
 # ------------------------------------------------------------------------- model state
@@ -274,13 +242,12 @@ def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> M
     per_layer = saved_per_layer(m, tokens, layout.tp, layout.sequence_parallel, layout.checkpointing, precision,
                                 device)
     head = saved_by_head(m, tokens, layout.tp, layout.sequence_parallel, precision, device) if stage.last else {}
-    # DeepSpeed's pipeline keeps, per micro-batch in flight, the output it sent (whole, and with pipe_partitioned
-    # the 1/tp part that travelled) and, unpartitioned, the input it received besides the clone its first block
-    # saves (pipe/engine.py: _exec_recv_activations, _exec_forward_pass).
+    # torch's pipeline stage keeps, per micro-batch in flight, the output it sent (whole: with sequence
+    # parallelism each tensor rank's own part) until that micro-batch's backward; the input it received is
+    # the tensor its first block saves, counted with the blocks
     whole = tokens * m.d_model * element_bytes(precision) / (layout.tp if layout.sequence_parallel else 1)
-    partitioned = layout.tp > 1 and not layout.sequence_parallel
-    sent = 0 if stage.last else whole * (1 + 1 / layout.tp if partitioned else 1)
-    received = 0 if stage.first or partitioned else whole
+    sent = 0 if stage.last else whole
+    received = 0
     pipe_buffers = sent + received if layout.pp > 1 else 0
     per_micro_batch = stage.blocks * sum(per_layer.values()) + sum(head.values()) + pipe_buffers
     # 1F1B: a step's first backward finds up to pp - stage micro-batches in flight and no gradients yet

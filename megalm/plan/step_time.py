@@ -18,12 +18,13 @@ Per micro-batch, on the slowest pipeline stage (its blocks, and the head on the 
   in full checkpointing's recomputed forward, plus the vocabulary-parallel embedding's and the head's;
   a ring all-reduce moves 2·(n-1)/n of the bytes per GPU, an all-gather or reduce-scatter (n-1)/n.
 - Pipeline: each stage boundary sends the activation forward and its gradient back (1/tp of it per
-  tensor rank without sequence parallelism: DeepSpeed's pipe_partitioned), each message after its
+  tensor rank without sequence parallelism, as Megatron-LM's scatter-gather sends it; megalm's torch
+  pipeline sends it whole, which this does not count yet), each message after its
   latency (``P2P_LATENCY_S``: the fixed cost of every micro-batch slot; kernel launches add none, as the
   host queues them ahead of the GPU: DeepSpeed's NCCL sends and receives do not block it).
 
 1F1B over m micro-batches takes m + pp - 1 slots of the slowest stage's micro-batch time; Megatron-LM's
-interleaved schedule (v model chunks per GPU, ``chunks``; megalm's DeepSpeed pipeline has v = 1) takes
+interleaved schedule (v model chunks per GPU, ``chunks``: megalm's parallel.virtual_stages) takes
 m + (pp - 1) / v slots and sends v times the messages. Then data parallelism: the gradients once per
 step (ZeRO 0 and 1: all-reduce; ZeRO 1 then all-gathers updated weights, the same volume as the
 all-reduce's second half) or every micro-batch (ZeRO 2: reduce-scatter; ZeRO 3 adds all-gathers of the
@@ -149,7 +150,7 @@ def data_parallel_s(zero: int, grads: float, dp: int, gbs: float, micro_batches:
 
 def step_time(cfg: Config, layout: Candidate, cluster: Cluster, attention: AttentionKernel = FLASH,
               chunks: int = 1) -> StepTime:
-    """``chunks``: model chunks per GPU of an interleaved pipeline schedule (Megatron-LM's; megalm runs 1)."""
+    """``chunks``: model chunks per GPU of an interleaved pipeline schedule."""
     m, seq, precision = cfg.model, cfg.data.seq_len, cfg.train.precision
     e, b, tp, pp = element_bytes(precision), layout.micro_batch, layout.tp, layout.pp
     micro_batches = batch_layout(layout.apply(cfg), layout.dp).grad_accum

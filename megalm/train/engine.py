@@ -1,22 +1,25 @@
 """Building the model on its process mesh and handing it to the DeepSpeed engine.
 
 DeepSpeed owns the optimizer (AdamW), ZeRO sharding over the data-parallel group, bf16, gradient
-accumulation and clipping (on its plain fp32 path, the step guard clips: guard.py). With pp = 1 the
-model is a ``Transformer`` on the standard engine, with the mesh as DeepSpeed's ``mpu`` so ZeRO
-shards over data-parallel ranks only; with pp > 1 it is a ``PipelineModule`` on DeepSpeed's
-``PipelineEngine`` (1F1B schedule).
+accumulation and clipping (on its plain fp32 path, the step guard clips: guard.py), with the mesh
+as its ``mpu`` so ZeRO shards over data-parallel ranks only. With pp = 1 the model is a
+``Transformer``; with pp > 1 it is this rank's chunks of one (``PipelineModel``), whose forward and
+backward a torch pipelining schedule runs (train/pipeline.py) before the engine steps.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
+
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from megalm.config import Config, batch_layout
 from megalm.model.layers import Block
-from megalm.model.transformer import Transformer, pipeline_module
+from megalm.model.pipeline import PipelineModel
+from megalm.model.transformer import Transformer
 from megalm.parallel.mesh import Mesh
 from megalm.train.guard import guard_plain_optimizer, plain_fp32
 from megalm.train.schedule import lr_multiplier
@@ -27,8 +30,7 @@ log = logging.getLogger("megalm")
 def build_model(cfg: Config, mesh: Mesh) -> nn.Module:
     p = cfg.parallel
     if mesh.pp > 1:
-        model = pipeline_module(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
-                                checkpointing=p.activation_checkpointing, partition=p.pp_partition)
+        model = PipelineModel(cfg, mesh, seed=cfg.train.seed)
     else:
         model = Transformer(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
                             checkpointing=p.activation_checkpointing)
@@ -69,14 +71,11 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
             "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8,
                        "weight_decay": t.weight_decay, "torch_adam": True, "adam_w_mode": True},
         },
-        "zero_optimization": {"stage": t.zero_stage},
+        # (a pipeline's backward runs outside the engine, which builds its contiguous gradient
+        # buffer in its own backward only)
+        "zero_optimization": {"stage": t.zero_stage, "contiguous_gradients": cfg.parallel.pp == 1},
         # with ZeRO 1-2, DeepSpeed skips a bf16 step with a non-finite gradient norm only when asked
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
-        # Between pipeline stages DeepSpeed sends each tensor rank 1/tp of an activation it assumes is
-        # replicated, and all-gathers it on arrival. With sequence parallelism the activations are
-        # already different shards per tensor rank, so they must travel whole.
-        "pipeline": {"pipe_partitioned": not cfg.parallel.sequence_parallel,
-                     "grad_partitioned": not cfg.parallel.sequence_parallel},
         "steps_per_print": 10**9,  # megalm does its own logging
         "wall_clock_breakdown": False,
     }
@@ -87,18 +86,21 @@ def build_engine(cfg: Config, model: nn.Module, mesh: Mesh):
 
     def scheduler(optimizer):  # DeepSpeed calls it with the optimizer it built
         if plain_fp32(cfg.train.zero_stage, cfg.train.precision):
-            guard_plain_optimizer(optimizer, model, model.mpu() if mesh.pp > 1 else mesh, cfg.train.grad_clip)
+            guard_plain_optimizer(optimizer, model, mesh, cfg.train.grad_clip)
         return LambdaLR(optimizer, lr_multiplier(cfg.train))
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg.train.weight_decay),
         config=deepspeed_config(cfg, mesh.dp),
-        mpu=None if mesh.pp > 1 else mesh,  # a PipelineModule brings its own grid
+        mpu=mesh,
         lr_scheduler=scheduler,
     )
-    log.info("engine: DeepSpeed %s %s, ZeRO stage %d, %s, AdamW (torch)", deepspeed.__version__,
-             "PipelineEngine (1F1B)" if mesh.pp > 1 else "engine", cfg.train.zero_stage, cfg.train.precision)
+    if mesh.pp > 1:
+        engine.set_gradient_accumulation_boundary(True)  # one step() a step: the schedule ran the micro-batches
+    log.info("engine: DeepSpeed %s engine, ZeRO stage %d, %s, AdamW (torch)%s", deepspeed.__version__,
+             cfg.train.zero_stage, cfg.train.precision, f"; pipeline schedule {cfg.parallel.pp_schedule} (torch "
+             f"{torch.__version__.split('+')[0]})" if mesh.pp > 1 else "")
     return engine
 
 

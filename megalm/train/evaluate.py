@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megalm.common import IGNORE
 from megalm.parallel.mesh import Mesh
 from megalm.train.objective import EVAL_STEP, CausalLM
+from megalm.train.pipeline import pipeline_forward
 
 
 def to_device(target, device: torch.device):
@@ -27,6 +28,11 @@ def per_rank_rows(n: int, mesh: Mesh, batch_size: int) -> int:
     return -(-(-(-n // mesh.dp)) // batch_size) * batch_size
 
 
+def loss_rank(engine, mesh: Mesh) -> int:
+    """The pipeline rank whose loss function sees the logits (the last chunk's; 0 without a pipeline)."""
+    return engine.module.last_rank if mesh.pp > 1 else 0
+
+
 @torch.no_grad()
 def forward_only(engine, batches: list, mesh: Mesh, device: torch.device, progress=None) -> float:
     """Collective: the loss summed over every data-parallel rank's ``batches`` of (inputs, target),
@@ -36,12 +42,11 @@ def forward_only(engine, batches: list, mesh: Mesh, device: torch.device, progre
     engine.eval()
     try:
         if mesh.pp > 1:
-            # eval_batch averages the per-micro-batch sums over micro-batches and data-parallel ranks
-            mean_sum = engine.eval_batch(stream, num_micro_batches=len(batches))
-            return mean_sum.double().item() * len(batches) * mesh.dp
-        total = torch.zeros(1, dtype=torch.float64, device=device)
-        for x, y in stream:
-            total += engine(x.to(device), to_device(y, device)).double()
+            total = pipeline_forward(engine.module, mesh, ((x, to_device(y, device)) for x, y in stream), device)
+        else:
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for x, y in stream:
+                total += engine(x.to(device), to_device(y, device)).double()
         dist.all_reduce(total, group=mesh.dp_group)
         return total.item()
     finally:
@@ -71,12 +76,12 @@ def score(engine, val: torch.Tensor, mesh: Mesh, batch_size: int, device: torch.
     one = torch.ones((), dtype=torch.float32)
     batches = [(x, (y, one)) for x, y in zip(inputs.split(batch_size), labels.split(batch_size))]
     counted = int((labels != IGNORE).sum())
-    loss_fn = engine.module.loss_fn  # Transformer and PipelineModule both hold it
+    loss_fn = engine.module.loss_fn  # Transformer and PipelineModel both hold it
     loss_fn.correct = torch.zeros((), dtype=torch.int64, device=device) if accuracy else None
     try:
         total = forward_only(engine, batches, mesh, device, progress)
         sums = torch.tensor([counted, 0], dtype=torch.int64, device=device)
-        if accuracy and mesh.tp_rank == 0 and mesh.pp_rank == mesh.pp - 1:  # where the loss ran, once per replica
+        if accuracy and mesh.tp_rank == 0 and mesh.pp_rank == loss_rank(engine, mesh):  # where the loss ran, once per replica
             sums[1] = loss_fn.correct
         dist.all_reduce(sums)
         tokens, correct = sums.tolist()

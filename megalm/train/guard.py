@@ -19,6 +19,7 @@ import math
 import types
 
 import torch
+import torch.distributed as dist
 
 
 def plain_fp32(zero_stage: int, precision: str) -> bool:
@@ -26,21 +27,16 @@ def plain_fp32(zero_stage: int, precision: str) -> bool:
     return zero_stage == 0 and precision == "fp32"
 
 
-def guard_plain_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, mpu, max_norm: float) -> None:
+def guard_plain_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, mesh, max_norm: float) -> None:
     """Make the plain fp32 path's optimizer skip a non-finite step as DeepSpeed's own optimizers do
     (called as the engine is built, before a learning-rate scheduler wraps ``optimizer.step``).
     DeepSpeed's clipping must be off there (``gradient_clipping`` 0 in its config): this clips
-    ``model``'s gradients to ``max_norm`` instead (0: no clipping, the norm is still taken); ``mpu``
-    is the engine's (the mesh, or a pipeline's grid)."""
-    from deepspeed.runtime.utils import clip_grad_norm_
-
+    ``model``'s gradients to ``max_norm`` instead (0: no clipping, the norm is still taken)."""
     inner_step = optimizer.step
     optimizer.overflow = False  # what DeepSpeed's engine reads after the step, as with its own optimizers
 
     def step(optimizer, closure=None):
-        # DeepSpeed's fp32 clipping, moved here: the norm over model-parallel ranks (gradients are
-        # already averaged over data-parallel ones, so every rank sees the same norm)
-        norm = clip_grad_norm_(list(model.parameters()), max_norm or math.inf, mpu=mpu)
+        norm = clip_gradients(list(model.parameters()), max_norm, mesh)
         optimizer._global_grad_norm = norm  # the engine reports it (get_global_grad_norm)
         optimizer.overflow = not bool(torch.isfinite(norm).all())
         if optimizer.overflow:
@@ -49,6 +45,26 @@ def guard_plain_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Modu
         return inner_step(closure)
 
     optimizer.step = types.MethodType(step, optimizer)  # a bound method, as a scheduler expects to wrap
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, mesh) -> torch.Tensor:
+    """The gradient norm of the whole model, the same on every rank (gradients are already averaged
+    over data-parallel ranks), then the gradients scaled down to ``max_norm`` if above it (0: never),
+    as DeepSpeed clips. Each weight counts once: a tensor-parallel shard on its rank, a replicated
+    weight on tensor rank 0, a pipeline's copy of a tied weight not at all; the squares are summed
+    over the model-parallel group (the tensor and pipeline ranks of one replica)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    counted = [p.grad.detach().float().norm() for p in params if p.grad is not None
+               and not getattr(p, "pipeline_copy", False) and (getattr(p, "model_parallel", False) or mesh.tp_rank == 0)]
+    total = torch.stack(counted).pow(2).sum() if counted else torch.zeros((), device=grads[0].device)
+    if mesh.tp * mesh.pp > 1:
+        dist.all_reduce(total, group=mesh.model_group)
+    norm = total.sqrt()
+    coef = (max_norm or math.inf) / (norm + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 class StepGuard:

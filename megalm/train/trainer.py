@@ -49,6 +49,7 @@ from megalm.train.faults import Faults
 from megalm.train.guard import StepGuard
 from megalm.train.rollback import Anomaly, AnomalyWatch
 from megalm.train.loop import DATA_SKIPPED, NONFINITE, TRAINED, run_steps
+from megalm.train.pipeline import Pipeline
 from megalm.train.run_lock import RunLock
 from megalm.train.state import RNGState, TrainState
 from megalm.train.tasks import build_task
@@ -116,6 +117,8 @@ class Trainer:
         self.run_dir = Path(self.cfg.train.run_dir)
         self.batch = batch_layout(self.cfg, self.mesh.dp)
         self.engine = self._build_engine()
+        self.pipeline = Pipeline(self.engine.module, self.mesh, self.batch.grad_accum, self.world.device) \
+            if self.mesh.pp > 1 else None
         self.guard, self.faults, self.watch = StepGuard(self.engine), Faults(self.world.rank), AnomalyWatch(cfg)
         self.pinned: Path | None = None  # kept from retention while non-finite steps may roll back to it
         self.state, self.rng, self.loader = TrainState(), RNGState(), self.task.loader(self.batch, self.mesh)
@@ -202,11 +205,14 @@ class Trainer:
         self.faults.disturb(self.state.step + 1, self.world.device)
         scale = self._account(step)
         losses_before = len(self.interval_losses)
-        if self.mesh.pp > 1:  # the engine pulls the micro-batches and runs the 1F1B schedule itself
+        if self.pipeline is not None:
+            with self.timer.phase("pipeline"):  # every micro-batch's forward and backward, in the schedule's order
+                loss = self.pipeline.train_batch(step.micro_batches, scale)
             self.checkpointer.before_step()
-            with self.timer.phase("pipeline"):  # forward, backward and optimizer interleave in the 1F1B schedule
-                loss = self.engine.train_batch(iter([(x, (y, scale)) for x, y in step.micro_batches]))
-            self.interval_losses.append(loss.detach().float())
+            with self.timer.phase("optimizer"):
+                self.engine.allreduce_gradients()
+                self.engine.step()
+            self.interval_losses.append(loss)
         else:
             device = self.world.device
             for inputs, labels in step.micro_batches:

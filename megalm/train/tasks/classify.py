@@ -29,7 +29,7 @@ from megalm.observe.classification import plot_confusion, report
 from megalm.parallel.distributed import World
 from megalm.parallel.mesh import Mesh
 from megalm.records import atomic_write_text
-from megalm.train.evaluate import forward_only, per_rank_rows
+from megalm.train.evaluate import forward_only, loss_rank, per_rank_rows
 
 log = logging.getLogger("megalm")
 
@@ -61,9 +61,11 @@ class Classification:
 
     def loader(self, batch: BatchLayout, mesh: Mesh) -> ClassifyLoader:
         p = self.cfg.parallel
+        multiple = p.tp if p.sequence_parallel else 1
+        if p.pp > 1:  # a pipeline schedule sends micro-batches of one shape: all as long as the longest text
+            multiple *= -(-self.train_set.ids.shape[1] // multiple)
         self._loader = ClassifyLoader(self.train_set, batch, mesh.dp_rank, self.cfg.data.seed,
-                                      causal=self.cfg.model.objective == "causal",
-                                      multiple=p.tp if p.sequence_parallel else 1)
+                                      causal=self.cfg.model.objective == "causal", multiple=multiple)
         return self._loader
 
     def evaluate(self, engine, mesh: Mesh, device: torch.device) -> dict:
@@ -78,7 +80,7 @@ class Classification:
     def _log_probs(self, engine, mesh: Mesh, device: torch.device) -> torch.Tensor:
         """Collective: (N, labels) class log-probabilities of the evaluation texts. Every data-parallel
         rank scores every dp-th text (the rows it lacks filled and dropped); the loss function of the
-        last pipeline stage collects them; gathered over data ranks, sent to every stage."""
+        pipeline's last chunk collects them; gathered over data ranks, sent to every stage."""
         data, size = self.eval_set, self.cfg.train.micro_batch_size
         per_rank = per_rank_rows(len(data), mesh, size)
         ids, labels = data.ids[mesh.dp_rank::mesh.dp], data.labels[mesh.dp_rank::mesh.dp]
@@ -89,17 +91,17 @@ class Classification:
         causal, one = self.cfg.model.objective == "causal", torch.ones((), dtype=torch.float32)
         batches = [(trim(i, multiple), y) for i, y in zip(ids.split(size), labels.split(size))]
         batches = [(i, (targets(i, y, causal), one)) for i, y in batches]
-        loss_fn = engine.module.loss_fn  # Transformer and PipelineModule both hold it
+        loss_fn = engine.module.loss_fn  # Transformer and PipelineModel both hold it
         loss_fn.collect = []
         try:
             forward_only(engine, batches, mesh, device)
-            last = mesh.pp_rank == mesh.pp - 1
-            local = torch.cat(loss_fn.collect) if last else torch.empty(per_rank, len(self.cfg.model.labels),
+            last = loss_rank(engine, mesh)
+            local = torch.cat(loss_fn.collect) if mesh.pp_rank == last else torch.empty(per_rank, len(self.cfg.model.labels),
                                                                          device=device)
         finally:
             loss_fn.collect = None
         if mesh.pp > 1:
-            dist.broadcast(local, src=mesh.global_rank(mesh.pp - 1, mesh.dp_rank, mesh.tp_rank), group=mesh.pp_group)
+            dist.broadcast(local, src=mesh.global_rank(last, mesh.dp_rank, mesh.tp_rank), group=mesh.pp_group)
         parts = [torch.empty_like(local) for _ in range(mesh.dp)]
         dist.all_gather(parts, local.contiguous(), group=mesh.dp_group)
         out = torch.empty(len(data), local.shape[1])
