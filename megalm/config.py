@@ -665,17 +665,23 @@ def validate_layout(cfg: Config, world_size: int) -> None:
             f"parallel.dp: tp={p.tp} x pp={p.pp} x dp={dp} needs {need} processes, but {world_size} were started; "
             f"start {need} (torchrun --nproc_per_node={need}) or leave parallel.dp=0")
     batch = batch_layout(cfg, dp)
+    validate_pipeline_batch(cfg, dp)
+    if batch.padding:
+        log.warning("train.global_batch: %d sequences over %d data-parallel ranks x %d micro-batches of %d leave %d "
+                    "padding sequences per step (%.0f%% of the compute); a global batch that is a multiple of "
+                    "%d avoids it", batch.global_batch, dp, batch.grad_accum, batch.micro_batch_size, batch.padding,
+                    100 * batch.padding / (batch.global_batch + batch.padding), dp * batch.micro_batch_size)
+
+
+def validate_pipeline_batch(cfg: Config, dp: int) -> None:
+    """A pipeline schedule needs at least one micro-batch per pipeline rank in a step."""
+    p, batch = cfg.parallel, batch_layout(cfg, dp)
     if p.pp > 1 and batch.grad_accum < p.pp:
         raise ConfigError(
             f"train.micro_batch_size: a pipeline of {p.pp} ranks needs at least {p.pp} micro-batches a step; "
             f"train.global_batch={batch.global_batch} over dp={dp} makes {batch.grad_accum} of "
             f"{batch.micro_batch_size}; use train.micro_batch_size={max(1, batch.global_batch // (dp * p.pp))} or less "
             f"(more micro-batches also shrink the pipeline's idle time, (pp - 1) / (micro-batches + pp - 1) with 1f1b)")
-    if batch.padding:
-        log.warning("train.global_batch: %d sequences over %d data-parallel ranks x %d micro-batches of %d leave %d "
-                    "padding sequences per step (%.0f%% of the compute); a global batch that is a multiple of "
-                    "%d avoids it", batch.global_batch, dp, batch.grad_accum, batch.micro_batch_size, batch.padding,
-                    100 * batch.padding / (batch.global_batch + batch.padding), dp * batch.micro_batch_size)
 
 
 @dataclass(frozen=True)

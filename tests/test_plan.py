@@ -145,6 +145,12 @@ def test_step_time_parts_follow_their_formulas():
     interleaved = step_time(cfg, Candidate(1, 4, 8, 1, 1, "none", False), machines, chunks=3)
     assert interleaved.bubble_s / (interleaved.total_s - interleaved.dp_s) == pytest.approx(1 / (8 + 1))
     assert interleaved.pp_s == pytest.approx(3 * piped.pp_s)
+    # zero bubble leaves a third of the bubble: zbv's two chunks a rank (V: rank 0 holds the first and the last)
+    zbv = Candidate(1, 4, 8, 1, 1, "none", False, "zbv", 2)
+    assert step_time(cfg, zbv, machines).inputs["bubble share"] == pytest.approx((3 / 2 / 3) / (8 + 3 / 2 / 3))
+    assert [(s.first, s.last) for s in stages(cfg, zbv)] == [(True, True), (False, False), (False, False),
+                                                            (False, False)]
+    assert sum(s.blocks for s in stages(cfg, zbv)) == cfg.model.n_layers
     # each slot's two messages wait for their latency first (the pipeline crosses nodes: the network's)
     latency = 8 * 2 * P2P_LATENCY_S["network"]
     assert piped.pp_s - latency == pytest.approx(8 * 2 * 2048 * 2048 * 2 / (machines.inter_node_gbs * 1e9))
@@ -253,12 +259,14 @@ def test_layout_fields_given_on_the_command_line_are_the_ones_estimated():
     """Pinned fields hold in every layout weighed; all pinned, the one layout is estimated, or the line
     that refuses it is shown; pp=8 with the config's default ZeRO 0 is weighed, not refused at load."""
     proc = run_megalm("plan", "gpt-1.3b", "train.precision=bf16", "parallel.tp=8", "parallel.pp=8",
-                      "train.micro_batch_size=1", "--gpus", "64", "--seq-len", "2048", "--global-batch", "512",
-                      "--json", "/dev/stdout", check=False)
-    assert "pinned on the command line: parallel.tp=8, parallel.pp=8, train.micro_batch_size=1" in proc.stdout
+                      "train.micro_batch_size=1", "parallel.pp_schedule=interleaved", "--gpus", "64", "--seq-len",
+                      "2048", "--global-batch", "512", "--json", "/dev/stdout", check=False)
+    assert ("pinned on the command line: parallel.tp=8, parallel.pp=8, train.micro_batch_size=1, "
+            "parallel.pp_schedule=interleaved") in proc.stdout, proc.stdout
     rows = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])["layouts"]
-    assert rows and all((r["tp"], r["pp"], r["dp"], r["micro_batch"]) == (8, 8, 1, 1) for r in rows)
-    assert {r["zero"] for r in rows} == {1}  # ZeRO 0 refused with pp and tied embeddings, 2-3 with pp
+    assert rows and all((r["tp"], r["pp"], r["dp"], r["micro_batch"], r["schedule"], r["chunks"]) ==
+                        (8, 8, 1, 1, "interleaved", 2) for r in rows)
+    assert {r["zero"] for r in rows} == {1}  # bf16 with ZeRO 0 refused with pp, 2-3 too
     one = run_megalm("plan", "llama-7b", "parallel.tp=1", "parallel.pp=1", "train.zero_stage=0",
                      "train.micro_batch_size=8", "parallel.activation_checkpointing=none", "--gpu", "a100-40gb",
                      "--gpus", "8", check=False)

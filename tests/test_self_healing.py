@@ -160,7 +160,10 @@ def test_a_slow_rank_is_named_and_a_mismatched_collective_is_shown_on_every_rank
     named_at = int(log.split(") is a straggler: ")[1].split("up to step ")[1].split(":")[0])
     assert named_at <= 10 and log.count("is a straggler") == 1, named_at
     rows = [r for r in metrics(run_dir) if "loss" in r]
-    assert len(rows) == 13 and all(r["slowest_rank"] == 2 and 0.15 < r["slowest_rank_lag_s"] < 0.6 for r in rows), rows
+    # (a loaded 2-core machine can stall another rank for a step: rank 2 in most rows, its median lag ~0.2 s)
+    seen = [(r["step"], r["slowest_rank"], r["slowest_rank_lag_s"]) for r in rows]
+    lags = sorted(r["slowest_rank_lag_s"] for r in rows if r["slowest_rank"] == 2)
+    assert len(rows) == 13 and len(lags) >= 10 and 0.15 < lags[len(lags) // 2] < 0.4, seen
     verdict = next(line for line in log.splitlines() if line.startswith("megalm[0]: watchdog: every rank is stuck"))
     assert ("ranks 0, 2, 3 wait in all_reduce on dp 0,1,2,3 #" in verdict and "(16 B float64); rank 1 waits in "
             "all_reduce on world #" in verdict and "(4 B float32)" in verdict and "rank 1 the odd one out" in verdict)

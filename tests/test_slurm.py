@@ -91,12 +91,12 @@ def rank_process(job: str, rank: int) -> psutil.Process:
 @pytest.mark.slow
 def test_time_limit_saves_requeues_and_resumes_on_the_same_curve(slurm, data_args, tmp_path):
     run_dir = tmp_path / "run"
-    args = [CONFIG, *TINY, *data_args, *LONG, f"train.run_dir={run_dir}", "slurm.signal_lead_s=40"]
+    args = [CONFIG, *TINY, *data_args, *LONG, f"train.run_dir={run_dir}", "slurm.signal_lead_s=55"]
     started = time.monotonic()
     # each step made to take 0.1 s longer, so that waiting for the time limit leaves the CPU to the other tests
     idle = {"MEGALM_FAULTS": "slow=0.1@1-100000"}
     job = submit({**slurm, **idle}, *args, "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--time", "1")
-    # the time limit's signal comes 20-50 s in (Slurm checks every 30 s): every rank saves, the job
+    # the time limit's signal comes 5-35 s in (Slurm checks every 30 s): every rank saves, the job
     # requeues itself. The requeued job gets a longer limit (this Slurm signals a requeued
     # one-minute job again within seconds), resumes, and goes on until it is cancelled.
     wait_until(lambda: "requeueing to resume" in job_log(run_dir), 150, "the time limit to requeue the job")

@@ -1,13 +1,14 @@
 """The parallel layouts a run could use: one ``Candidate`` layout is (tp, pp, dp, micro-batch, ZeRO stage,
-activation checkpointing, sequence parallelism), and ``layouts`` lists every one megalm would accept
-for a model on a cluster, by the same checks ``megalm train`` makes before it starts.
+activation checkpointing, sequence parallelism, pipeline schedule and chunks per rank), and ``layouts``
+lists every one megalm would accept for a model on a cluster, by the same checks ``megalm train`` makes
+before it starts. The schedule is 1f1b unless pinned (``parallel.pp_schedule``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megalm.config import Config, validate_model_split, batch_layout
+from megalm.config import Config, batch_layout, validate_model_split, validate_pipeline_batch, virtual_stages
 from megalm.errors import ConfigError
 
 CHECKPOINTING = ("none", "selective", "full")
@@ -22,6 +23,8 @@ class Candidate:
     zero: int
     checkpointing: str
     sequence_parallel: bool
+    schedule: str = "1f1b"
+    chunks: int = 1  # pipeline chunks per rank
 
     @property
     def gpus(self) -> int:
@@ -31,12 +34,14 @@ class Candidate:
         """The command-line overrides that give a run this layout."""
         return [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"train.micro_batch_size={self.micro_batch}",
                 f"train.zero_stage={self.zero}", f"parallel.activation_checkpointing={self.checkpointing}",
-                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}"]
+                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}"] + \
+            ([f"parallel.pp_schedule={self.schedule}", f"parallel.virtual_stages={self.chunks}"] if self.pp > 1 else [])
 
     def apply(self, cfg: Config) -> Config:
         """``cfg`` with this layout."""
         cfg = cfg.replace("parallel", tp=self.tp, pp=self.pp, dp=self.dp, sequence_parallel=self.sequence_parallel,
-                          activation_checkpointing=self.checkpointing)
+                          activation_checkpointing=self.checkpointing, pp_schedule=self.schedule,
+                          virtual_stages=self.chunks)
         return cfg.replace("train", micro_batch_size=self.micro_batch, zero_stage=self.zero)
 
     def micro_batches(self, cfg: Config) -> int:
@@ -51,14 +56,18 @@ def divisors(n: int) -> list[int]:
 # the keys a user may pin on the command line (megalm plan ... parallel.tp=8), by Candidate field
 PINNABLE = {"parallel.tp": "tp", "parallel.pp": "pp", "train.micro_batch_size": "micro_batch",
             "train.zero_stage": "zero", "parallel.activation_checkpointing": "checkpointing",
-            "parallel.sequence_parallel": "sequence_parallel"}
+            "parallel.sequence_parallel": "sequence_parallel", "parallel.pp_schedule": "schedule",
+            "parallel.virtual_stages": "chunks"}
 
 
 def pinned(cfg: Config, overrides: list[str]) -> dict[str, object]:
     """The layout fields ``overrides`` set (Candidate field -> the config's value)."""
     keys = {item.partition("=")[0].strip() for item in overrides}
-    return {field: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
-            for key, field in PINNABLE.items() if key in keys}
+    found = {field: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+             for key, field in PINNABLE.items() if key in keys}
+    if "schedule" in found or "chunks" in found:  # (virtual_stages=0: the schedule's own)
+        found["chunks"] = virtual_stages(cfg.parallel)
+    return found
 
 
 def layouts(cfg: Config, gpus: int, gpus_per_node: int, pins: dict[str, object] | None = None
@@ -95,9 +104,12 @@ def layouts(cfg: Config, gpus: int, gpus_per_node: int, pins: dict[str, object] 
                 for zero in choices("zero", list(range(4))):
                     for checkpointing in choices("checkpointing", list(CHECKPOINTING)):
                         for sp in choices("sequence_parallel", [False, True] if tp > 1 else [False]):
-                            layout = Candidate(tp, pp, dp, micro, zero, checkpointing, sp)
+                            schedule = pins.get("schedule", "1f1b") if pp > 1 else "1f1b"
+                            chunks = pins.get("chunks", 1) if pp > 1 else 1
+                            layout = Candidate(tp, pp, dp, micro, zero, checkpointing, sp, schedule, chunks)
                             try:
                                 validate_model_split(layout.apply(cfg))
+                                validate_pipeline_batch(layout.apply(cfg), dp)
                             except ConfigError as e:
                                 refuse(str(e).partition(":")[0], str(e))
                                 continue

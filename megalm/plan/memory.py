@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megalm.config import Config, ModelConfig
-from megalm.model.pipeline import layer_parameters, partition
+from megalm.model.pipeline import chunk_ranks, layer_parameters, partition
 from megalm.plan.layout import Candidate
 
 GB = 1e9
@@ -103,17 +103,23 @@ def element_bytes(precision: str) -> int:
 
 
 def stages(cfg: Config, layout: Candidate) -> list[Stage]:
-    """The pipeline stages (one without pipelining), split as megalm's pipeline splits the layers
-    (parallel.pp_partition: balancing parameters, or equal layer counts; one chunk per rank)."""
+    """What each pipeline rank holds (one stage without pipelining), split as megalm's pipeline
+    splits the layers into pp x chunks chunks (parallel.pp_partition: balancing parameters, or equal
+    layer counts) and places them by the schedule (model/pipeline.py ``chunk_ranks``)."""
     m = cfg.model
     counts = layer_parameters(m, layout.tp, pipeline=layout.pp > 1)
     if layout.pp == 1:
         return [Stage(0, sum(counts), m.n_layers, True, True)]
-    parts = partition(tuple(counts), layout.pp, cfg.parallel.pp_partition)
+    bounds = partition(tuple(counts), layout.pp * layout.chunks, cfg.parallel.pp_partition)
+    owners = chunk_ranks(layout.schedule, layout.pp, layout.chunks)
     last_block = m.n_layers  # layer ids: 0 embed, 1..n_layers blocks, then norm and head
-    return [Stage(s, sum(counts[parts[s]:parts[s + 1]]),
-                  len(range(max(parts[s], 1), min(parts[s + 1], last_block + 1))), s == 0, s == layout.pp - 1)
-            for s in range(layout.pp)]
+    out = []
+    for rank in range(layout.pp):
+        mine = [k for k, owner in enumerate(owners) if owner == rank]
+        params = sum(sum(counts[bounds[k]:bounds[k + 1]]) for k in mine)
+        blocks = sum(len(range(max(bounds[k], 1), min(bounds[k + 1], last_block + 1))) for k in mine)
+        out.append(Stage(rank, params, blocks, 0 in mine, len(owners) - 1 in mine))
+    return out
 
 
 # ------------------------------------------------------------------------- model state

@@ -25,7 +25,9 @@ Per micro-batch, on the slowest pipeline stage (its blocks, and the head on the 
 
 1F1B over m micro-batches takes m + pp - 1 slots of the slowest stage's micro-batch time; Megatron-LM's
 interleaved schedule (v model chunks per GPU, ``chunks``: megalm's parallel.virtual_stages) takes
-m + (pp - 1) / v slots and sends v times the messages. Then data parallelism: the gradients once per
+m + (pp - 1) / v slots and sends v times the messages; the zero-bubble schedules (zb, zbv) fill all but
+a third of that bubble with deferred weight-gradient passes (ZB-H1's (pp - 1)(F + B - W) with equal
+thirds; torch's implementation measured on CPU fell short of it: DEVELOPERS.md). Then data parallelism: the gradients once per
 step (ZeRO 0 and 1: all-reduce; ZeRO 1 then all-gathers updated weights, the same volume as the
 all-reduce's second half) or every micro-batch (ZeRO 2: reduce-scatter; ZeRO 3 adds all-gathers of the
 weights in forward and again in backward). Link speeds: ``hardware.Cluster.group_gbs`` (a group inside
@@ -149,8 +151,9 @@ def data_parallel_s(zero: int, grads: float, dp: int, gbs: float, micro_batches:
 
 
 def step_time(cfg: Config, layout: Candidate, cluster: Cluster, attention: AttentionKernel = FLASH,
-              chunks: int = 1) -> StepTime:
-    """``chunks``: model chunks per GPU of an interleaved pipeline schedule."""
+              chunks: int | None = None) -> StepTime:
+    """``chunks``: model chunks per GPU of an interleaved pipeline schedule (default: the layout's)."""
+    chunks = chunks or layout.chunks
     m, seq, precision = cfg.model, cfg.data.seq_len, cfg.train.precision
     e, b, tp, pp = element_bytes(precision), layout.micro_batch, layout.tp, layout.pp
     micro_batches = batch_layout(layout.apply(cfg), layout.dp).grad_accum
@@ -188,7 +191,9 @@ def step_time(cfg: Config, layout: Candidate, cluster: Cluster, attention: Atten
     split = stages(cfg, layout)
     slowest_stage = max(split, key=lambda stage: sum(slot(stage).values()))
     slowest = slot(slowest_stage)
-    bubble_slots = (pp - 1) / chunks
+    # zero bubble fills the bubble with the deferred weight-gradient passes: ZB-H1's (pp - 1)(F + B - W),
+    # with a slot's forward, input-gradient and weight-gradient thirds (Qi et al. 2024)
+    bubble_slots = (pp - 1) / chunks / (3 if layout.schedule in ("zb", "zbv") else 1)
 
     grads = max(s.params for s in split) * e
     # the data-parallel groups of all stages reduce at once: the slowest sets the pace
