@@ -151,6 +151,10 @@ def test_step_time_parts_follow_their_formulas():
     assert [(s.first, s.last) for s in stages(cfg, zbv)] == [(True, True), (False, False), (False, False),
                                                             (False, False)]
     assert sum(s.blocks for s in stages(cfg, zbv)) == cfg.model.n_layers
+    # interleaving holds more in flight on the first rank: ((v - 1) pp + 2 (pp - 1) + 1) / v = 5.5 to 1F1B's 4
+    one, two = Candidate(1, 4, 8, 1, 1, "none", False), Candidate(1, 4, 8, 1, 1, "none", False, "interleaved", 2)
+    first = [stage_memory(cfg, lay, stages(cfg, lay)[0], "cuda").inputs["micro-batches in flight"] for lay in (one, two)]
+    assert first == [4, 5.5]
     # each slot's two messages wait for their latency first (the pipeline crosses nodes: the network's)
     latency = 8 * 2 * P2P_LATENCY_S["network"]
     assert piped.pp_s - latency == pytest.approx(8 * 2 * 2048 * 2048 * 2 / (machines.inter_node_gbs * 1e9))

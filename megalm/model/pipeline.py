@@ -31,11 +31,9 @@ from torch import nn
 from megalm.config import Config, ModelConfig, virtual_stages
 from megalm.model.classifier import ClassifierHead, PooledCrossEntropy
 from megalm.model.layers import Block, Embedding, FinalNorm, Head, LossFunction
+from megalm.model.transformer import layer_ids
 from megalm.parallel.mesh import Mesh
 from megalm.parallel.tensor_parallel import TPContext
-
-SCHEDULES = ("1f1b", "interleaved", "zb", "zbv")
-
 
 def chunk_ranks(schedule: str, pp: int, v: int) -> list[int]:
     """The pipeline rank that holds each chunk."""
@@ -100,8 +98,6 @@ def partition(weights: tuple[int, ...], parts: int, method: str) -> list[int]:
 
 def chunk_layers(cfg: Config, pp: int) -> list[list[str]]:
     """The layer names of each chunk, in order."""
-    from megalm.model.transformer import layer_ids
-
     names = list(layer_ids(cfg.model))
     counts = layer_parameters(cfg.model, 1, pipeline=True)
     bounds = partition(tuple(counts), pp * virtual_stages(cfg.parallel), cfg.parallel.pp_partition)
@@ -166,8 +162,6 @@ class PipelineModel(nn.Module):
     def __init__(self, cfg: Config, mesh: Mesh, *, seed: int):
         super().__init__()
         m, p = cfg.model, cfg.parallel
-        from megalm.model.transformer import layer_ids
-
         tp = TPContext(mesh, p.sequence_parallel)
         layers = chunk_layers(cfg, mesh.pp)
         owner = chunk_ranks(p.pp_schedule, mesh.pp, virtual_stages(p))

@@ -258,8 +258,14 @@ def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> M
     per_micro_batch = stage.blocks * sum(per_layer.values()) + sum(head.values()) + pipe_buffers
     # 1F1B: a step's first backward finds up to pp - stage micro-batches in flight and no gradients yet
     # (unless they persist); every later one finds the earlier micro-batches' gradients, and one fewer
-    # in flight when the step has no more micro-batches than stages.
+    # in flight when the step has no more micro-batches than stages. Interleaved 1F1B runs
+    # (v - 1) pp + 2 (pp - stage - 1) + 1 chunk forwards before its first backward, each 1/v of the
+    # rank's layers (Megatron-LM's warm-up, which torch's schedule follows): about 1.5 pp micro-batches
+    # on the first rank at v = 2. The zero-bubble schedules keep 1F1B's count (their point: ZB-H1's
+    # memory is 1F1B's; the deferred weight passes' inputs are not counted).
     ahead = layout.pp - stage.index
+    if layout.schedule == "interleaved":
+        ahead = ((layout.chunks - 1) * layout.pp + 2 * (layout.pp - stage.index - 1) + 1) / layout.chunks
     in_flight = min(ahead, micro_batches)
     activations = in_flight * per_micro_batch
     first = activations + (state.accumulated if state.gradients_persist else 0)

@@ -159,7 +159,7 @@ def _explain(e: Estimate, plan: Plan) -> list[str]:
              f"{f' / dp {dp}' if state.moments < 8 * p else ''})",
              f"  DeepSpeed buffers {_gb(state.buffers)}   (reduce bucket, accumulation buffer, ZeRO-3's gathered "
              f"weights)",
-             f"  activations       {_gb(mem.activations)}   ({mem.inputs['micro-batches in flight']} micro-batch(es) "
+             f"  activations       {_gb(mem.activations)}   ({mem.inputs['micro-batches in flight']:g} micro-batch(es) "
              f"in flight x {mem.stage.blocks} blocks, {mem.inputs['tokens per micro-batch']:,} tokens each, and "
              f"{mem.inputs['pipeline buffers per micro-batch (bytes)'] / GB:.2f} GB of pipeline buffers each)",
              f"  backward working  {_gb(mem.working)}   (loss gradients over the vocabulary, or a recomputed block)",

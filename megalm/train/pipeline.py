@@ -64,7 +64,7 @@ class Pipeline:
         return mine
 
     def _tied_anywhere(self) -> bool:
-        flag = torch.tensor([len(self.model.tied_copies())], dtype=torch.int64)
+        flag = torch.tensor([len(self.model.tied_copies())], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag)  # (only the last chunk's rank knows; every rank must agree to make the groups)
         return bool(flag.item())
 
@@ -114,9 +114,9 @@ def pipeline_forward(model: PipelineModel, mesh: Mesh, batches, device: torch.de
             elif ranks[index - 1] == ranks[index]:
                 x = here[k]
             else:
-                shape = torch.zeros(4, dtype=torch.int64)
+                shape = torch.zeros(4, dtype=torch.int64, device=device)  # (on the device: NCCL sends only there)
                 dist.recv(shape, src=ranks[index - 1], group=mesh.pp_group)
-                x = torch.empty([int(s) for s in shape if s > 0], dtype=dtype, device=device)
+                x = torch.empty([s for s in shape.tolist() if s > 0], dtype=dtype, device=device)
                 dist.recv(x, src=ranks[index - 1], group=mesh.pp_group)
             out = chunk(x)
             if index == model.n_chunks - 1:
@@ -124,7 +124,7 @@ def pipeline_forward(model: PipelineModel, mesh: Mesh, batches, device: torch.de
             elif ranks[index + 1] == ranks[index]:
                 handed.append(out)
             else:
-                shape = torch.tensor([*out.shape] + [0] * (4 - out.dim()), dtype=torch.int64)
+                shape = torch.tensor([*out.shape] + [0] * (4 - out.dim()), dtype=torch.int64, device=device)
                 pending += [dist.isend(shape, dst=ranks[index + 1], group=mesh.pp_group),
                             dist.isend(out.contiguous(), dst=ranks[index + 1], group=mesh.pp_group)]
     for work in pending:
