@@ -43,6 +43,16 @@ def test_every_schedule_trains_the_one_process_curve_and_resumes_under_another(d
     relative, _ = compare_parameters(mixed, single)
     assert relative < 1e-5, relative
 
+    # a pipeline given fewer micro-batches than ranks: one line on each rank, exit 2, before training
+    started = time.monotonic()
+    refused = torchrun(2, *args, f"train.run_dir={tmp_path / 'refused'}", "parallel.pp=2", "train.micro_batch_size=4",
+                       check=False)
+    took = time.monotonic() - started
+    line = ("megalm[0]: config error: train.micro_batch_size: a pipeline of 2 ranks needs at least 2 micro-batches a "
+            "step; train.global_batch=4 over dp=1 makes 1 of 4; use train.micro_batch_size=2 or less")
+    assert refused.returncode != 0 and line in refused.stderr, refused.stderr[-2000:]
+    assert "exitcode  : 2" in refused.stderr and took < 30, took
+
 
 # ------------------------------------------------------------------ idle time by schedule
 
@@ -90,15 +100,15 @@ def _idle(rank: int, port: int, schedules: list[tuple[str, int]], out) -> None:
     from torch.distributed.pipelining import PipelineStage
 
     from megalm.model.pipeline import chunk_ranks
-    from megalm.train.pipeline import SCHEDULE_CLASSES
+    from megalm.train.pipeline import schedule_class
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=PP)
     for name, v in schedules:
         owners = chunk_ranks(name, PP, v)
         mine = [i for i, r in enumerate(owners) if r == rank]
         stages = [PipelineStage(_Chunk(), i, len(owners), torch.device("cpu")) for i in mine]
-        schedule = SCHEDULE_CLASSES[name](stages[0] if name == "1f1b" else stages, MICRO_BATCHES,
-                                          loss_fn=lambda y, target: y.sum(), scale_grads=False)
+        schedule = schedule_class(name)(stages[0] if name == "1f1b" else stages, MICRO_BATCHES,
+                                        loss_fn=lambda y, target: y.sum(), scale_grads=False)
         idle = []
         for _ in range(2):  # the first step also infers the shapes; the second is measured
             args = (torch.ones(MICRO_BATCHES, 4),) if 0 in mine else ()

@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import (
-    PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
 from megalm.model.pipeline import PipelineModel
 from megalm.parallel.mesh import Mesh
 
-SCHEDULE_CLASSES = {"1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B, "zb": ScheduleInterleavedZeroBubble,
-                    "zbv": ScheduleZBVZeroBubble}
+
+def schedule_class(name: str):
+    """torch's schedule for ``parallel.pp_schedule`` (imported here: torch.distributed.pipelining costs
+    ~1.3 s to import, which commands that never pipeline, e.g. megalm generate, should not pay)."""
+    from torch.distributed.pipelining import (
+        Schedule1F1B, ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
+
+    return {"1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B, "zb": ScheduleInterleavedZeroBubble,
+            "zbv": ScheduleZBVZeroBubble}[name]
 
 
 class Pipeline:
@@ -35,10 +40,12 @@ class Pipeline:
     (collective over the pipeline group)."""
 
     def __init__(self, model: PipelineModel, mesh: Mesh, micro_batches: int, device: torch.device):
+        from torch.distributed.pipelining import PipelineStage
+
         self.model, self.mesh, self.device = model, mesh, device
         self.stages = [PipelineStage(chunk, index, model.n_chunks, device, group=mesh.pp_group)
                        for index, chunk in zip(model.indices, model.chunks)]
-        cls = SCHEDULE_CLASSES[model.schedule]
+        cls = schedule_class(model.schedule)
         self.schedule = cls(self.stages[0] if model.schedule == "1f1b" else self.stages, micro_batches,
                             loss_fn=self._loss, scale_grads=False)
         self.micro_batches = micro_batches
