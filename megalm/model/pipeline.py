@@ -130,6 +130,7 @@ class PipelineChunk(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext, names: list[str], ids: dict[str, int], seed: int,
                  checkpointing: str, embedding: Embedding | None = None):
         super().__init__()
+        self.tp = tp
         self.embed = Embedding(cfg, tp, ids["embed"], seed) if "embed" in names else None
         self.blocks = nn.ModuleDict({name.split(".")[1]: Block(cfg, tp, ids[name], seed, checkpointing)
                                      for name in names if name.startswith("blocks.")})
@@ -143,16 +144,13 @@ class PipelineChunk(nn.Module):
             self.head = Head(cfg, tp, ids["head"], seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embed is not None:
-            x = self.embed(x)
+        x = self.embed(x) if self.embed is not None else self.tp.join_message(x)
         for block in self.blocks.values():
             x = block(x)
         if self.norm is not None:
             x = self.norm(x)
-        for head in (self.head, self.classifier, self.tied):
-            if head is not None:
-                x = head(x)
-        return x
+        heads = [head for head in (self.head, self.classifier, self.tied) if head is not None]
+        return heads[0](x) if heads else self.tp.split_message(x)
 
 
 class PipelineModel(nn.Module):

@@ -63,14 +63,14 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 # returns its result, so that a backward pass computes while the collective runs.
 
 
-def _all_gather_seq(x: torch.Tensor, group, async_op: bool = False):
+def _all_gather_seq(x: torch.Tensor, group, async_op: bool = False, dim: int = SEQ_DIM):
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     work = dist.all_gather(parts, x.contiguous(), group=group, async_op=async_op)
 
     def result() -> torch.Tensor:
         if work is not None:
             work.wait()
-        return torch.cat(parts, dim=SEQ_DIM)
+        return torch.cat(parts, dim=dim)
 
     return result if async_op else result()
 
@@ -88,8 +88,8 @@ def _reduce_scatter_seq(x: torch.Tensor, group, async_op: bool = False):
     return result if async_op else result()
 
 
-def _split_seq(x: torch.Tensor, group) -> torch.Tensor:
-    return x.chunk(dist.get_world_size(group), dim=SEQ_DIM)[dist.get_rank(group)].contiguous()
+def _split_seq(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
 
 
 class _EnterRegion(torch.autograd.Function):
@@ -114,18 +114,18 @@ class _ExitRegion(torch.autograd.Function):
 
 
 class _GatherSeq(torch.autograd.Function):
-    """All-gather the sequence shards for a consumer that every rank runs whole and alike (a
-    replicated head and its loss): each rank's gradient of the full sequence is already the whole
-    gradient, so backward keeps this rank's slice of it."""
+    """All-gather the shards (along ``dim``) for a consumer that every rank runs whole and alike (a
+    replicated head and its loss, a pipeline chunk without SP): each rank's gradient of the whole
+    is already the whole gradient, so backward keeps this rank's slice of it."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_seq(x, group)
+    def forward(ctx, x, group, dim=SEQ_DIM):
+        ctx.group, ctx.dim = group, dim
+        return _all_gather_seq(x, group, dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split_seq(grad, ctx.group), None
+        return _split_seq(grad, ctx.group, ctx.dim), None, None
 
 
 class _GatheredLinears(torch.autograd.Function):
@@ -169,14 +169,17 @@ class _ReduceScatterSeq(torch.autograd.Function):
 
 
 class _ScatterSeq(torch.autograd.Function):
+    """This rank's slice (along ``dim``) of a tensor every rank holds whole; backward gathers the
+    slices' gradients to the whole gradient."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_seq(x, group)
+    def forward(ctx, x, group, dim=SEQ_DIM):
+        ctx.group, ctx.dim = group, dim
+        return _split_seq(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
+        return _all_gather_seq(grad, ctx.group, dim=ctx.dim), None, None
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,21 @@ class TPContext:
         if self.size == 1 or not self.sequence_parallel:
             return x
         return _GatherSeq.apply(x, self.mesh.tp_group)
+
+    def split_message(self, x: torch.Tensor) -> torch.Tensor:
+        """A pipeline chunk's output, before it is sent: without SP every tensor rank holds the whole
+        activation, so each sends only its 1/tp of the hidden dim and the receiving chunk gathers
+        them (Megatron-LM's scatter-gather: a message of s·b·h/tp, as with SP, whose activations are
+        sequence shards already)."""
+        if self.size == 1 or self.sequence_parallel:
+            return x
+        return _ScatterSeq.apply(x, self.mesh.tp_group, -1)
+
+    def join_message(self, x: torch.Tensor) -> torch.Tensor:
+        """A received pipeline message back to the whole activation (see :meth:`split_message`)."""
+        if self.size == 1 or self.sequence_parallel:
+            return x
+        return _GatherSeq.apply(x, self.mesh.tp_group, -1)
 
     def replicated(self, p: torch.Tensor) -> torch.Tensor:
         """Use a replicated parameter on sequence shards: its gradient is summed over the group."""

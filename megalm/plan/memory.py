@@ -11,9 +11,9 @@ Counted, for the most loaded pipeline stage (bytes; GB = 1e9 bytes, as ``mem_pea
 - DeepSpeed's gradient reduction buffers: the ZeRO reduce bucket (500M elements, allocated whole on a
   GPU) and ZeRO-3's gathered parameters (it keeps a parameter gathered when it is used again within
   1e9 elements, so backward finds the last ~5e8 elements of each stage still whole);
-- activations saved for backward, from megalm's layers (``saved_per_layer``), and the activations
-  torch's pipeline stage keeps (the output each stage sent), times the micro-batches in flight (1F1B:
-  pp - stage on stage ``stage``, so pp on the first);
+- activations saved for backward, from megalm's layers (``saved_per_layer``), times the micro-batches
+  in flight (1F1B: pp - stage on stage ``stage``, so pp on the first), and the pipeline messages a
+  stage holds (train/pipeline.py's ``LeanStage``: two with 1F1B; a step's sends with the others);
 - the transients of the three moments a step can peak at: the start of backward (all activations,
   plus the loss's vocabulary-sized fp32 buffers or one block's recomputation with full
   checkpointing), the end of backward (the flattened gradients DeepSpeed all-reduces) and the
@@ -248,14 +248,17 @@ def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> M
     per_layer = saved_per_layer(m, tokens, layout.tp, layout.sequence_parallel, layout.checkpointing, precision,
                                 device)
     head = saved_by_head(m, tokens, layout.tp, layout.sequence_parallel, precision, device) if stage.last else {}
-    # torch's pipeline stage keeps, per micro-batch in flight, the output it sent (whole: with sequence
-    # parallelism each tensor rank's own part) until that micro-batch's backward; the input it received is
-    # the tensor its first block saves, counted with the blocks
-    whole = tokens * m.d_model * element_bytes(precision) / (layout.tp if layout.sequence_parallel else 1)
-    sent = 0 if stage.last else whole
-    received = 0
-    pipe_buffers = sent + received if layout.pp > 1 else 0
-    per_micro_batch = stage.blocks * sum(per_layer.values()) + sum(head.values()) + pipe_buffers
+    # Pipeline messages (a tensor rank's 1/tp of an activation: its sequence shard with SP, else a slice
+    # of the hidden dim that the next stage gathers). megalm's stage frees an output once its send is
+    # done and holds a receive buffer from its receive to its backward (the input its first block
+    # saves, counted with the blocks): 1F1B then holds two messages more (a send not yet waited for,
+    # the next micro-batch's receive posted early); torch's other schedules wait for their sends at the
+    # end of the step, so every message this rank's chunks send in a step is held until then.
+    message = tokens * m.d_model * element_bytes(precision) / layout.tp
+    sending_chunks = layout.chunks - (1 if stage.last else 0)
+    pipe_buffers = 0 if layout.pp == 1 else 2 * message if layout.schedule == "1f1b" else \
+        micro_batches * sending_chunks * message
+    per_micro_batch = stage.blocks * sum(per_layer.values()) + sum(head.values())
     # 1F1B: a step's first backward finds up to pp - stage micro-batches in flight and no gradients yet
     # (unless they persist); every later one finds the earlier micro-batches' gradients, and one fewer
     # in flight when the step has no more micro-batches than stages. Interleaved 1F1B runs
@@ -267,9 +270,10 @@ def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> M
     if layout.schedule == "interleaved":
         ahead = ((layout.chunks - 1) * layout.pp + 2 * (layout.pp - stage.index - 1) + 1) / layout.chunks
     in_flight = min(ahead, micro_batches)
-    activations = in_flight * per_micro_batch
+    activations = in_flight * per_micro_batch + pipe_buffers
     first = activations + (state.accumulated if state.gradients_persist else 0)
-    later = min(ahead, micro_batches - 1) * per_micro_batch + state.accumulated if micro_batches > 1 else 0
+    later = min(ahead, micro_batches - 1) * per_micro_batch + pipe_buffers + state.accumulated \
+        if micro_batches > 1 else 0
     recompute = sum(saved_per_layer(m, tokens, layout.tp, layout.sequence_parallel, "none", precision,
                                     device).values()) if layout.checkpointing == "full" else 0
     working = max(loss_backward_bytes(m, tokens, layout.tp) if stage.last else 0, recompute)
@@ -280,7 +284,7 @@ def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> M
     peak_at = max(needs, key=needs.get)
     inputs = {"tokens per micro-batch": tokens, "micro-batches per step": micro_batches,
               "micro-batches in flight": in_flight, "blocks on this stage": stage.blocks,
-              "pipeline buffers per micro-batch (bytes)": pipe_buffers,
+              "pipeline messages held (bytes)": pipe_buffers,
               "parameters on this GPU": stage.params, "saved per block per micro-batch (bytes)": per_layer,
               "saved by the final norm and loss (bytes)": head}
     return Memory(stage, state, activations, working, peak_at, resident + needs[peak_at], inputs)

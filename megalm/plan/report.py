@@ -161,7 +161,7 @@ def _explain(e: Estimate, plan: Plan) -> list[str]:
              f"weights)",
              f"  activations       {_gb(mem.activations)}   ({mem.inputs['micro-batches in flight']:g} micro-batch(es) "
              f"in flight x {mem.stage.blocks} blocks, {mem.inputs['tokens per micro-batch']:,} tokens each, and "
-             f"{mem.inputs['pipeline buffers per micro-batch (bytes)'] / GB:.2f} GB of pipeline buffers each)",
+             f"{mem.inputs['pipeline messages held (bytes)'] / GB:.2f} GB of pipeline messages)",
              f"  backward working  {_gb(mem.working)}   (loss gradients over the vocabulary, or a recomputed block)",
              f"  end of backward   {_gb(state.reduce)}   (flattened gradients for the data-parallel reduction)",
              f"  optimizer step    {_gb(state.fp32_gradients + state.step)}   (fp32 gradients "

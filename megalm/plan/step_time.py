@@ -17,9 +17,9 @@ Per micro-batch, on the slowest pipeline stage (its blocks, and the head on the 
   in backward (with sequence parallelism the same volume as all-gathers and reduce-scatters), two more
   in full checkpointing's recomputed forward, plus the vocabulary-parallel embedding's and the head's;
   a ring all-reduce moves 2·(n-1)/n of the bytes per GPU, an all-gather or reduce-scatter (n-1)/n.
-- Pipeline: each stage boundary sends the activation forward and its gradient back (1/tp of it per
-  tensor rank without sequence parallelism, as Megatron-LM's scatter-gather sends it; megalm's torch
-  pipeline sends it whole, which this does not count yet), each message after its
+- Pipeline: each stage boundary sends the activation forward and its gradient back, 1/tp of it per
+  tensor rank (its sequence shard with sequence parallelism; without, a slice of the hidden dim that
+  the next stage all-gathers, as Megatron-LM's scatter-gather sends it), each message after its
   latency (``P2P_LATENCY_S``: the fixed cost of every micro-batch slot; kernel launches add none, as the
   host queues them ahead of the GPU: DeepSpeed's NCCL sends and receives do not block it).
 
@@ -27,11 +27,12 @@ Per micro-batch, on the slowest pipeline stage (its blocks, and the head on the 
 interleaved schedule (v model chunks per GPU, ``chunks``: megalm's parallel.virtual_stages) takes
 m + (pp - 1) / v slots and sends v times the messages; the zero-bubble schedules (zb, zbv) fill all but
 a third of that bubble with deferred weight-gradient passes (ZB-H1's (pp - 1)(F + B - W) with equal
-thirds; torch's implementation measured on CPU fell short of it: DEVELOPERS.md). Then data parallelism: the gradients once per
-step (ZeRO 0 and 1: all-reduce; ZeRO 1 then all-gathers updated weights, the same volume as the
-all-reduce's second half) or every micro-batch (ZeRO 2: reduce-scatter; ZeRO 3 adds all-gathers of the
-weights in forward and again in backward). Link speeds: ``hardware.Cluster.group_gbs`` (a group inside
-a node: NVLink; across nodes: its members' network cards in a node).
+thirds; torch's, measured on CPU with fixed-time passes, comes within 0.03 of it: DEVELOPERS.md).
+Then data parallelism: the gradients once per step (ZeRO 0 and 1: all-reduce; ZeRO 1 then all-gathers
+updated weights, the same volume as the all-reduce's second half) or every micro-batch (ZeRO 2:
+reduce-scatter; ZeRO 3 adds all-gathers of the weights in forward and again in backward). Link speeds:
+``hardware.Cluster.group_gbs`` (a group inside a node: NVLink; across nodes: its members' network cards
+in a node).
 
 No communication is assumed to overlap compute: megalm's tensor-parallel collectives are
 synchronous, and DeepSpeed as megalm configures it reduces gradients after backward (ZeRO 0) or as
@@ -176,7 +177,7 @@ def step_time(cfg: Config, layout: Candidate, cluster: Cluster, attention: Atten
 
     pipeline_link = "network" if pp > 1 and layout.gpus > cluster.gpus_per_node else "nvlink"
     pp_gbs = cluster.inter_node_gbs if pipeline_link == "network" else cluster.intra_node_gbs
-    sent = activation / (1 if layout.sequence_parallel else tp)
+    sent = activation / tp  # a tensor rank's share: its sequence shard with SP, else a hidden-dim slice
     messages = 2 * chunks if pp > 1 else 0
     p2p = messages * (P2P_LATENCY_S[pipeline_link] + sent / (pp_gbs * 1e9))
 
