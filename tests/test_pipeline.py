@@ -1,6 +1,7 @@
 """Pipeline schedules (torch.distributed.pipelining under megalm): every schedule trains the
-one-process curve, a checkpoint resumes under another schedule and pipeline size, and each
-schedule's idle time, with chunks made to take a fixed time, is what its theory says."""
+one-process curve and computes its gradients at pp=2 and pp=4, a checkpoint resumes under another
+schedule and pipeline size, each schedule's idle time, with chunks made to take a fixed time, is what
+its theory says, and a stage holds only what its schedule still needs."""
 
 import os
 import time
@@ -53,6 +54,63 @@ def test_every_schedule_trains_the_one_process_curve_and_resumes_under_another(d
             "step; train.global_batch=4 over dp=1 makes 1 of 4; use train.micro_batch_size=2 or less")
     assert refused.returncode != 0 and line in refused.stderr, refused.stderr[-2000:]
     assert "exitcode  : 2" in refused.stderr and took < 30, took
+
+
+# ------------------------------------------------------------------ every schedule at pp=2 and pp=4
+
+SCHEDULES = [(name, pp) for name in ("1f1b", "interleaved", "zb", "zbv") for pp in (2, 4)]
+
+
+def _gradients(rank: int, port: int, out) -> None:
+    """One training step's loss and gradients (4 micro-batches, tied embeddings) under every schedule
+    at pp=2 (dp=2, each replica given the same batch) and pp=4, against one process: the worst
+    relative difference of the loss and of any gradient this rank holds."""
+    from megalm.config import load_config
+    from megalm.model.pipeline import PipelineModel
+    from megalm.model.transformer import Transformer, one_process_names
+    from megalm.parallel.mesh import build_mesh
+    from megalm.train.pipeline import Pipeline
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=4)
+    base = load_config(CONFIG, ["model.n_layers=6", "model.d_model=32", "model.n_heads=2", "model.vocab_size=128",
+                                "model.max_seq_len=16", "data.seq_len=16"])
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 128, (2, 16), generator=generator), torch.randint(0, 128, (2, 16), generator=generator))
+               for _ in range(4)]
+    reference = Transformer(base.model, seed=1)
+    expected = sum(reference(ids, (labels, 1 / len(batches))) for ids, labels in batches)
+    expected.backward()
+    wanted = {name: p.grad for p, name in one_process_names(reference).items()}
+    for name, pp in SCHEDULES:
+        cfg = base.replace("parallel", pp=pp, pp_schedule=name)
+        mesh = build_mesh(1, pp, 4, rank)
+        model = PipelineModel(cfg, mesh, seed=1)
+        loss = Pipeline(model, mesh, len(batches), torch.device("cpu")).train_batch(batches, torch.tensor(1.0))
+        worst = max((p.grad - wanted[n]).abs().max().item() / wanted[n].abs().max().item()
+                    for p, n in one_process_names(model).items())
+        out.put((name, pp, rank, abs(loss.item() - expected.item()) / expected.item(), worst))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_schedule_at_pp_2_and_4_computes_one_processs_gradients():
+    """1f1b, interleaved (v=2), zb and zbv, each at pp=2 and pp=4, with tied embeddings (a head on another
+    rank than its embedding, or on the same one under zbv): the loss and every weight's gradient equal
+    one process's to 1e-5 on every rank (train steps: the tests above and tests/test_parallel.py)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = 29000 + int(time.time() * 1000) % 2000
+    procs = [ctx.Process(target=_gradients, args=(rank, port, out)) for rank in range(4)]
+    for p in procs:
+        p.start()
+    rows = [out.get(timeout=120) for _ in range(4 * len(SCHEDULES))]
+    for p in procs:
+        p.join(30)
+    worst = {(name, pp): tuple(max(row[k] for row in rows if row[:2] == (name, pp)) for k in (3, 4))
+             for name, pp in SCHEDULES}
+    print("\nworst relative difference from one process (loss, gradients):",
+          {k: f"{loss:.1e}, {grad:.1e}" for k, (loss, grad) in worst.items()})
+    assert all(max(differences) < 1e-5 for differences in worst.values()), worst
 
 
 # ------------------------------------------------------------------ idle time by schedule
