@@ -139,7 +139,9 @@ class DataConfig:
 class ParallelConfig:
     tp: int = field(1, "tensor-parallel size: ranks splitting each layer's heads and MLP (keep inside a node)")
     pp: int = field(1, "pipeline-parallel size: ranks holding consecutive layers, run by parallel.pp_schedule")
-    dp: int = field(0, "data-parallel size; 0 means world_size / (tp * pp)")
+    cp: int = field(1, "context-parallel size: ranks splitting each sequence, a part each; attention by all-to-all "
+                       "over heads (DeepSpeed-Ulysses): the heads per tensor rank must be divisible by cp")
+    dp: int = field(0, "data-parallel size (replicas reading different sequences); 0 means world_size / (tp * pp * cp)")
     sequence_parallel: bool = field(False, "shard activations outside the tensor-parallel matmuls along the sequence")
     activation_checkpointing: Literal["none", "full", "selective"] = field(
         "none", "recompute in backward: whole blocks (full) or the attention core only (selective)")
@@ -497,7 +499,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                     "data.prepare_workers": d.prepare_workers, "parallel.dp": p.dp,
                     "train.spike.factor": t.spike.factor, "train.spike.warmup": t.spike.warmup,
                     "train.max_rollbacks": t.max_rollbacks, "train.straggler.ratio": t.straggler.ratio}
-    for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp}.items():
+    for key, value in {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.cp": p.cp}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     for key, value in non_negative.items():
@@ -622,6 +624,8 @@ def validate_model_split(cfg: Config) -> None:
         raise ConfigError(f"parallel.tp: {p.tp} must divide {VOCAB_MULTIPLE} (the vocabulary is padded to a multiple of it)")
     if p.sequence_parallel and cfg.data.seq_len % p.tp:
         raise ConfigError(f"parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} is not divisible by tp={p.tp}")
+    if p.cp > 1:
+        validate_context_split(cfg)
     if p.pp > 1:
         v = virtual_stages(p)
         runs = {"1f1b": (v == 1, "1 chunk"), "interleaved": (v >= 2, "2 or more chunks"), "zbv": (v == 2, "2 chunks"),
@@ -649,21 +653,46 @@ def virtual_stages(p: ParallelConfig) -> int:
 VOCAB_MULTIPLE = 128  # the model's vocabulary is the tokenizer's rounded up to this (fast matmuls, TP splits)
 
 
+def validate_context_split(cfg: Config) -> None:
+    """What context parallelism needs of the model and the data (megalm/parallel/context_parallel.py)."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    if d.seq_len % (p.cp * (p.tp if p.sequence_parallel else 1)):
+        raise ConfigError(f"parallel.cp: data.seq_len={d.seq_len} is not divisible into cp={p.cp} parts"
+                          + (f" of tp={p.tp} shards each (sequence parallelism)" if p.sequence_parallel else ""))
+    heads = m.n_heads // p.tp
+    if heads % p.cp:
+        raise ConfigError(f"parallel.cp: attention's all-to-all gives each of cp={p.cp} ranks a share of the "
+                          f"{heads} query heads per tensor rank (model.n_heads={m.n_heads} / tp={p.tp}); use a cp that "
+                          f"divides {heads}")
+    kv = m.kv_heads // p.tp if m.kv_heads % p.tp == 0 else 1
+    if kv % p.cp and p.cp % kv:
+        raise ConfigError(f"parallel.cp: the {kv} key/value heads per tensor rank must divide or be divisible by "
+                          f"cp={p.cp} (model.n_kv_heads={m.kv_heads}, tp={p.tp})")
+    if cfg.train.task != "lm":
+        raise ConfigError(f"parallel.cp: train.task={cfg.train.task} reads padded texts; context parallelism splits "
+                          f"language-model sequences only (train.task=lm)")
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return cfg.parallel.dp or world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    """Replicas reading different sequences (context-parallel ranks share theirs)."""
+    p = cfg.parallel
+    return p.dp or world_size // (p.tp * p.pp * p.cp)
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:
     """The parallel layout against the number of processes; how the global batch splits over it."""
     p = cfg.parallel
-    if world_size % (p.tp * p.pp):
-        raise ConfigError(f"parallel: tp={p.tp} x pp={p.pp} does not divide the {world_size} processes started")
+    model = p.tp * p.pp * p.cp
+    if world_size % model:
+        raise ConfigError(f"parallel: tp={p.tp} x pp={p.pp}{f' x cp={p.cp}' if p.cp > 1 else ''} does not divide the "
+                          f"{world_size} processes started")
     dp = data_parallel_size(cfg, world_size)
-    if dp * p.tp * p.pp != world_size:
-        need = dp * p.tp * p.pp
+    if dp * model != world_size:
+        need = dp * model
         raise ConfigError(
-            f"parallel.dp: tp={p.tp} x pp={p.pp} x dp={dp} needs {need} processes, but {world_size} were started; "
-            f"start {need} (torchrun --nproc_per_node={need}) or leave parallel.dp=0")
+            f"parallel.dp: tp={p.tp} x pp={p.pp}{f' x cp={p.cp}' if p.cp > 1 else ''} x dp={dp} needs {need} "
+            f"processes, but {world_size} were started; start {need} (torchrun --nproc_per_node={need}) or leave "
+            f"parallel.dp=0")
     batch = batch_layout(cfg, dp)
     validate_pipeline_batch(cfg, dp)
     if batch.padding:

@@ -31,6 +31,9 @@ def test_every_model_preset_loads():
     (["train.lr=-1"], "train.min_lr"),
     (["train.steps"], "expected key.path=value"),
     (["model=nosuch"], "model: no preset or model file named 'nosuch'"),
+    (["parallel.cp=4"], "parallel.cp: attention's all-to-all gives each of cp=4 ranks a share of the 6 query heads"),
+    (["parallel.cp=2", "data.seq_len=129"], "parallel.cp: data.seq_len=129 is not divisible into cp=2 parts"),
+    (["parallel.cp=2", "model.n_kv_heads=3"], "parallel.cp: the 3 key/value heads per tensor rank must divide or be"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("?", r"\?").replace("(", r"\(")):

@@ -103,11 +103,13 @@ def test_eval_of_the_checkpoint_equals_the_runs_own_validation_loss(single_run, 
     assert result["loss"] == pytest.approx(val_loss, rel=1e-6)
 
 
-def test_eval_with_tensor_parallelism_equals_one_process(evaluated, run_copy, data_dir):
+@pytest.mark.parametrize("split, layout", [("parallel.tp=2", "tp=2 pp=1 dp=1 zero=0"),
+                                           ("parallel.cp=2", "tp=1 pp=1 dp=2 zero=0")])  # (cp ranks shard as dp)
+def test_eval_with_tensor_or_context_parallelism_equals_one_process(evaluated, run_copy, data_dir, split, layout):
     expected, _ = evaluated
-    result, _ = evaluate(str(run_copy), "--data", str(data_dir), "parallel.tp=2", out=run_copy.parent / "tp2.json",
+    result, _ = evaluate(str(run_copy), "--data", str(data_dir), split, out=run_copy.parent / f"{split}.json",
                          launch=lambda *args: torchrun(2, *args))
-    assert result["layout"] == "tp=2 pp=1 dp=1 zero=0"
+    assert result["layout"] == layout
     assert (result["sequences"], result["tokens"], result["bytes"]) == \
         (expected["sequences"], expected["tokens"], expected["bytes"])
     assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)

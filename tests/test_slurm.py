@@ -76,6 +76,19 @@ def gone(pid: int) -> bool:
         return True
 
 
+def job_processes(job: str, node: str) -> list[psutil.Process]:
+    """The megalm processes of a job on one node (its launcher, torchrun, ranks), whoever their parent."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd, environ = " ".join(p.info["cmdline"] or []), p.environ()
+        except psutil.Error:
+            continue
+        if "megalm" in cmd and environ.get("SLURM_JOB_ID") == job and environ.get("SLURMD_NODENAME") == node:
+            found.append(p)
+    return found
+
+
 def rank_process(job: str, rank: int) -> psutil.Process:
     for p in psutil.process_iter(["cmdline"]):
         try:
@@ -141,9 +154,7 @@ def test_a_killed_node_is_replaced_by_a_spare_and_a_stopped_rank_named(slurm, da
     stop_job = submit(slurm, *common, f"train.run_dir={stop_dir}", "slurm.max_restarts=0")
     # one job at a time: the first may finish before the second is under way
     wait_until(lambda: len(steps_logged(kill_dir)) >= 20, 120, "the first job to train")
-    node2 = [p for p in psutil.process_iter(["cmdline"]) if "megalm.cluster.node" in " ".join(p.info["cmdline"] or [])
-             and p.environ().get("SLURM_JOB_ID") == kill_job and p.environ().get("SLURMD_NODENAME") == "node2"]
-    tree = [p for launcher in node2 for p in [launcher, *launcher.children(recursive=True)]]
+    tree = job_processes(kill_job, "node2")  # its launcher, torchrun and rank (whoever their parent)
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):  # (a short-lived child may be gone already)
             p.kill()

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megalm.config import ModelConfig
+from megalm.parallel.context_parallel import first_position, output_projection, sequence_to_heads
 from megalm.parallel.tensor_parallel import (
     IGNORE, ColumnParallelLinear, RowParallelLinear, TPContext, VocabParallelEmbedding, init_layer, parameter,
     residual_std, vocab_parallel_argmax, vocab_parallel_cross_entropy)
@@ -125,12 +126,14 @@ class Attention(nn.Module):
         b, t, _ = q.shape
         q = q.view(b, t, self.local_heads, self.head_dim)
         k, v = self._keys_values(kv)
+        # with context parallelism: the whole sequence, a share of the heads (outside the recomputed core)
+        q, k, v = (sequence_to_heads(part, self.tp.mesh) for part in (q, k, v))
         if self.selective_checkpoint and torch.is_grad_enabled():
             y = checkpoint(self._core, q, k, v, padding, use_reentrant=False)
         else:
             y = self._core(q, k, v, padding)
-        y = y.transpose(1, 2).reshape(b, t, self.local_heads * self.head_dim)
-        return self.dropout(self.out(y))
+        # (B, T, heads, D), back to this rank's part of the sequence with context parallelism
+        return self.dropout(self.out(y.transpose(1, 2), product=output_projection(self.tp.mesh)))
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -186,7 +189,9 @@ class Embedding(nn.Module):
             input_ids = input_ids.clamp(min=0)
         x = self.tok(input_ids)  # with tp > 1 this sums the ranks' lookups (an all-reduce)
         if self.pos is not None:
-            x = x + self.pos[: input_ids.shape[1]]
+            t = input_ids.shape[1]  # (with context parallelism, this rank's part of the sequence)
+            start = first_position(t, self.tp.mesh)
+            x = x + self.pos[start: start + t]
         return self.drop(self.tp.scatter_sequence(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,11 @@ consecutive ranks (inside one node, where its per-layer collectives are cheap), 
 stages are the slowest axis (across nodes). This is also DeepSpeed's
 ``PipeModelDataParallelTopology`` order, so its pipeline engine and ZeRO agree with ours.
 
+With context parallelism (``cp`` > 1, megalm/parallel/context_parallel.py) each data-parallel rank
+splits into ``cp`` consecutive ones that share its sequences, a part each: they hold the same weights,
+so they are among the ``dp`` replicas here (``dp`` counts them all: gradients averaged and ZeRO
+sharded over all), and ``data_rank`` / ``data_parallel`` say which sequences a rank reads.
+
 The mesh doubles as the ``mpu`` DeepSpeed asks for: ZeRO then shards over the data-parallel group
 only, and gradient norms are summed over the model-parallel group (the tensor and pipeline ranks of
 one replica), counting a replicated weight on tensor rank 0 only.
@@ -30,6 +35,21 @@ class Mesh:
     dp_group: dist.ProcessGroup | None = None
     pp_group: dist.ProcessGroup | None = None
     model_group: dist.ProcessGroup | None = None  # tp x pp: the ranks of one model replica
+    cp: int = 1  # consecutive replicas that share a sequence, a part each (context parallelism)
+    cp_group: dist.ProcessGroup | None = None
+
+    @property
+    def cp_rank(self) -> int:
+        return self.dp_rank % self.cp
+
+    @property
+    def data_rank(self) -> int:
+        """Which sequences this rank reads: the data-parallel rank, context-parallel ranks counted once."""
+        return self.dp_rank // self.cp
+
+    @property
+    def data_parallel(self) -> int:
+        return self.dp // self.cp
 
     @property
     def tp_rank(self) -> int:
@@ -48,11 +68,15 @@ class Mesh:
 
     def describe(self) -> str:
         """One line per global rank: its (pp, dp, tp) coordinate."""
-        lines = [f"layout: tp={self.tp} x dp={self.dp} x pp={self.pp} = {self.tp * self.dp * self.pp} processes"]
+        cp = f" x cp={self.cp}" if self.cp > 1 else ""
+        lines = [f"layout: tp={self.tp}{cp} x dp={self.data_parallel} x pp={self.pp} = {self.tp * self.dp * self.pp} "
+                 f"processes"]
         for p in range(self.pp):
             for d in range(self.dp):
                 ranks = [self.global_rank(p, d, t) for t in range(self.tp)]
-                lines.append(f"  pipeline stage {p}, data rank {d}: global ranks {ranks} (tensor ranks 0..{self.tp - 1})")
+                part = f", sequence part {d % self.cp}" if self.cp > 1 else ""
+                lines.append(f"  pipeline stage {p}, data rank {d // self.cp}{part}: global ranks {ranks} (tensor ranks "
+                             f"0..{self.tp - 1})")
         return "\n".join(lines)
 
     # ---- the model-parallel-unit interface DeepSpeed calls
@@ -98,10 +122,11 @@ def single_process_mesh() -> Mesh:
     return Mesh(tp=1, pp=1, dp=1, rank=0)
 
 
-def build_mesh(tp: int, pp: int, world_size: int, rank: int) -> Mesh:
-    """Create every tensor-, data- and pipeline-parallel group (collective: all ranks call it)."""
+def build_mesh(tp: int, pp: int, world_size: int, rank: int, cp: int = 1) -> Mesh:
+    """Create every tensor-, context-, data- and pipeline-parallel group (collective: all ranks call it).
+    ``dp`` counts the context-parallel ranks too (see the module's docstring)."""
     dp = world_size // (tp * pp)
-    mesh = Mesh(tp=tp, pp=pp, dp=dp, rank=rank)
+    mesh = Mesh(tp=tp, pp=pp, dp=dp, rank=rank, cp=cp)
     # new_group must be called by every rank for every group, in the same order
     for p in range(pp):
         for d in range(dp):
@@ -118,6 +143,13 @@ def build_mesh(tp: int, pp: int, world_size: int, rank: int) -> Mesh:
             group = _new_group("pp", [mesh.global_rank(p, d, t) for p in range(pp)])
             if mesh.dp_rank == d and mesh.tp_rank == t:
                 mesh.pp_group = group
+    if cp > 1:
+        for p in range(pp):
+            for data in range(dp // cp):
+                for t in range(tp):
+                    group = _new_group("cp", [mesh.global_rank(p, data * cp + c, t) for c in range(cp)])
+                    if mesh.pp_rank == p and mesh.data_rank == data and mesh.tp_rank == t:
+                        mesh.cp_group = group
     mesh.model_group = mesh.tp_group
     if pp > 1:
         for d in range(dp):

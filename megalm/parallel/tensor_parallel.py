@@ -89,7 +89,10 @@ def _reduce_scatter_seq(x: torch.Tensor, group, async_op: bool = False):
 
 
 def _split_seq(x: torch.Tensor, group, dim: int = SEQ_DIM) -> torch.Tensor:
-    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+    # a copy, never a view: a view (micro-batch 1 slices the sequence contiguously) would keep the
+    # whole tensor alive for as long as the slice is saved for backward
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].clone(
+        memory_format=torch.contiguous_format)
 
 
 class _EnterRegion(torch.autograd.Function):
@@ -368,8 +371,10 @@ class RowParallelLinear(nn.Module):
         self.weight = sharded_parameter((out_features, in_features), Shard(1, (in_features,)), tp.size, init_std)
         self.bias = parameter((out_features,), None) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.exit(F.linear(x, self.weight))
+    def forward(self, x: torch.Tensor, product=F.linear) -> torch.Tensor:
+        """``product(x, W)``: this rank's partial product (attention's output projection passes one
+        that also moves its input between context-parallel ranks)."""
+        y = self.tp.exit(product(x, self.weight))
         return y if self.bias is None else y + self.tp.replicated(self.bias)
 
 

@@ -57,12 +57,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict:
-    t, batch = cfg.train, batch_layout(cfg, dp_size)
+def deepspeed_config(cfg: Config, mesh: Mesh) -> dict:
+    t, batch = cfg.train, batch_layout(cfg, mesh.data_parallel)
     return {
         "train_micro_batch_size_per_gpu": batch.micro_batch_size,
         "gradient_accumulation_steps": batch.grad_accum,
-        "train_batch_size": batch.micro_batch_size * batch.grad_accum * dp_size,
+        # (DeepSpeed's data-parallel ranks: the context-parallel ones too, which read parts of the same sequences)
+        "train_batch_size": batch.micro_batch_size * batch.grad_accum * mesh.dp,
         # the plain fp32 path's clipping is done by the step guard, which skips non-finite steps (guard.py)
         "gradient_clipping": 0.0 if plain_fp32(t.zero_stage, t.precision) else t.grad_clip,
         "optimizer": {
@@ -92,7 +93,7 @@ def build_engine(cfg: Config, model: nn.Module, mesh: Mesh):
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, cfg.train.weight_decay),
-        config=deepspeed_config(cfg, mesh.dp),
+        config=deepspeed_config(cfg, mesh),
         mpu=mesh,
         lr_scheduler=scheduler,
     )

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megalm.common import IGNORE
+from megalm.parallel.context_parallel import sequence_part
 from megalm.parallel.mesh import Mesh
 from megalm.train.objective import EVAL_STEP, CausalLM
 from megalm.train.pipeline import pipeline_forward
@@ -25,7 +26,7 @@ def to_device(target, device: torch.device):
 def per_rank_rows(n: int, mesh: Mesh, batch_size: int) -> int:
     """Rows each data-parallel rank scores of ``n`` split over the ranks: the same number on every
     rank, in whole micro-batches (ZeRO-3 and the pipeline engine need that)."""
-    return -(-(-(-n // mesh.dp)) // batch_size) * batch_size
+    return -(-(-(-n // mesh.data_parallel)) // batch_size) * batch_size
 
 
 def loss_rank(engine, mesh: Mesh) -> int:
@@ -67,12 +68,12 @@ def score(engine, val: torch.Tensor, mesh: Mesh, batch_size: int, device: torch.
     default), split across data-parallel ranks; the rows a rank lacks are filled with labels that do
     not count (IGNORE). Summed losses and label counts then give the exact mean over the set."""
     objective = objective or CausalLM()
-    dp, rank = mesh.dp, mesh.dp_rank
+    dp, rank = mesh.data_parallel, mesh.data_rank
     inputs, labels = objective.examples(val, None, EVAL_STEP, torch.arange(len(val)))
     per_rank = per_rank_rows(len(val), mesh, batch_size)
     filler = torch.arange(per_rank - len(inputs[rank::dp])) % len(inputs)  # rows to fill with, repeated if few
-    inputs = torch.cat([inputs[rank::dp], inputs[filler]])
-    labels = torch.cat([labels[rank::dp], torch.full_like(labels[filler], IGNORE)])
+    inputs = sequence_part(torch.cat([inputs[rank::dp], inputs[filler]]), mesh)
+    labels = sequence_part(torch.cat([labels[rank::dp], torch.full_like(labels[filler], IGNORE)]), mesh)
     one = torch.ones((), dtype=torch.float32)
     batches = [(x, (y, one)) for x, y in zip(inputs.split(batch_size), labels.split(batch_size))]
     counted = int((labels != IGNORE).sum())

@@ -42,6 +42,7 @@ from megalm.observe.stragglers import StragglerWatch
 from megalm.observe.timing import PhaseTimer
 from megalm.parallel.collectives import RECORDER
 from megalm.parallel.distributed import all_reduce_mean, init_distributed, launched_world_size, node_name
+from megalm.parallel.context_parallel import sequence_parts
 from megalm.parallel.mesh import build_mesh
 from megalm.train.engine import build_engine, build_model
 from megalm.train.evaluate import to_device
@@ -93,7 +94,7 @@ def start_world(cfg: Config):
     validate(cfg, launched_world_size())  # layout errors surface before any process group starts
     RECORDER.install(cfg.train.collectives_kept)  # before DeepSpeed's comm layer takes its functions
     world = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
-    mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank)
+    mesh = build_mesh(cfg.parallel.tp, cfg.parallel.pp, world.world_size, world.rank, cfg.parallel.cp)
     if world.is_main:
         log.info(mesh.describe())
     return world, mesh
@@ -115,7 +116,7 @@ class Trainer:
         self.task = build_task(cfg, self.world)  # reads (rank 0: prepares) the data
         self.cfg = self.task.resolve(cfg, self.world.world_size)  # the final config: every phase reads this one
         self.run_dir = Path(self.cfg.train.run_dir)
-        self.batch = batch_layout(self.cfg, self.mesh.dp)
+        self.batch = batch_layout(self.cfg, self.mesh.data_parallel)
         self.engine = self._build_engine()
         self.pipeline = Pipeline(self.engine.module, self.mesh, self.batch.grad_accum, self.world.device) \
             if self.mesh.pp > 1 else None
@@ -199,7 +200,7 @@ class Trainer:
         self.timer.start_step(measure)
         started, _ = time.perf_counter(), RECORDER.blocked_s()
         with self.timer.phase("data"):
-            step = next(self.loader)
+            step = sequence_parts(next(self.loader), self.mesh)
         self.interval_data_wait_s += time.perf_counter() - started
         self.watchdog.progress(self.state.step, "forward-backward")
         self.faults.disturb(self.state.step + 1, self.world.device)
@@ -261,7 +262,7 @@ class Trainer:
         counted, tokens = counts.tolist()
         self.state.tokens += int(tokens)
         self.throughput.add(int(tokens))
-        if self.mesh.tp_rank == 0 and self.mesh.pp_rank == 0:  # each sequence counted once
+        if self.mesh.tp_rank == 0 and self.mesh.pp_rank == 0 and self.mesh.cp_rank == 0:  # each sequence counted once
             self.interval_data_hash += data_hash([step.sequences])
             self.interval_counts += torch.tensor([len(step.bad_shards), *step.tokens_by_source])
         scale = self.mesh.dp * self.batch.grad_accum / max(counted, 1.0) * self.faults.factor(self.state.step + 1)

@@ -47,7 +47,7 @@ class LanguageModeling:
 
     def loader(self, batch: BatchLayout, mesh: Mesh) -> TrainLoader:
         d = self.cfg.data
-        self._loader = TrainLoader(self.sources, batch, mesh.dp_rank, self.objective, num_workers=d.num_workers,
+        self._loader = TrainLoader(self.sources, batch, mesh.data_rank, self.objective, num_workers=d.num_workers,
                                    on_bad_shard=d.on_bad_shard, spool_dir=d.cache_dir)
         self.val = validation_sequences(self.sources, d.eval_sequences, self._loader.spool)
         return self._loader
