@@ -167,6 +167,30 @@ def test_step_time_parts_follow_their_formulas():
     assert plain.dp_s > 0 and plain.pp_s == 0 and piped.pp_s > 0
 
 
+def test_context_parallelism_splits_a_ranks_tokens_and_adds_its_all_to_alls():
+    """Llama-7B at 128K tokens on 64 H100s (the long-context case cp is for): at cp=4 a rank keeps 1/4 of
+    a layer's activations, runs 1/4 of the matmuls' FLOPs, and sends per block q, k, v and the output
+    forward, their gradients and the output again backward (9 of q's bytes, all 32 heads being key/value
+    heads), (cp-1)/cp of them over NVLink; ZeRO shards over the cp ranks too."""
+    cfg = _cfg("llama-7b", "train.precision=bf16", "data.seq_len=131072", "model.max_seq_len=131072",
+               "train.global_batch=16")
+    machines = cluster("h100-sxm", 64)
+    whole, split = Candidate(1, 1, 64, 1, 3, "none", False), Candidate(1, 1, 16, 1, 3, "none", False, cp=4)
+    kept = [sum(saved_per_layer(cfg.model, 131072, 1, False, "none", "bf16", "cuda", cp).values()) for cp in (1, 4)]
+    assert kept[1] == pytest.approx(kept[0] / 4)
+    assert memory(cfg, split).inputs["tokens per micro-batch"] == 131072 // 4
+    assert memory(cfg, split).state.moments == pytest.approx(memory(cfg, whole).state.moments)  # over 64 ranks both
+    flops = [sum(mm.flops for mm in block_matmuls(cfg.model, 1, 131072, 1, cp)) for cp in (1, 4)]
+    assert flops[1] == pytest.approx(flops[0] / 4)
+    time = step_time(cfg, split, machines)
+    q_bytes = 131072 // 4 * 4096 * 2
+    per_block = 3 / 4 * 9 * q_bytes / (machines.intra_node_gbs * 1e9)
+    assert time.cp_s == pytest.approx(cfg.model.n_layers * per_block) and step_time(cfg, whole, machines).cp_s == 0
+    proc = run_megalm("plan", "llama-7b", "train.precision=bf16", "model.max_seq_len=131072", "parallel.cp=4",
+                      "--gpu", "h100-sxm", "--gpus", "64", "--seq-len", "131072", "--global-batch", "16", check=False)
+    assert "pinned on the command line: parallel.cp=4" in proc.stdout and "MB per block and micro-batch over cp=4" in proc.stdout
+
+
 def test_matmuls_get_their_share_of_the_peak_from_their_shape():
     m = _cfg("gpt-1.3b", "data.seq_len=2048").model
     forward = block_matmuls(m, 1, 2048, 1)
@@ -271,7 +295,7 @@ def test_layout_fields_given_on_the_command_line_are_the_ones_estimated():
     assert rows and all((r["tp"], r["pp"], r["dp"], r["micro_batch"], r["schedule"], r["chunks"]) ==
                         (8, 8, 1, 1, "interleaved", 2) for r in rows)
     assert {r["zero"] for r in rows} == {1}  # bf16 with ZeRO 0 refused with pp, 2-3 too
-    one = run_megalm("plan", "llama-7b", "parallel.tp=1", "parallel.pp=1", "train.zero_stage=0",
+    one = run_megalm("plan", "llama-7b", "parallel.tp=1", "parallel.pp=1", "parallel.cp=1", "train.zero_stage=0",
                      "train.micro_batch_size=8", "parallel.activation_checkpointing=none", "--gpu", "a100-40gb",
                      "--gpus", "8", check=False)
     assert one.returncode == 1 and "layouts: 1 accepted by megalm's checks, 0 fit" in one.stdout
@@ -290,14 +314,14 @@ def test_cli_prints_the_ranking_and_the_inputs(tmp_path):
     first = json.loads(out.read_text())["layouts"][0]
     row = next(line for line in text.splitlines() if line.strip().startswith("1 "))
     assert f"{first['tokens_per_s']:,.0f}" in row and f"{first['memory_gb']:.2f}" in row
-    for needed in ("rank  tp  pp", "layout #1", "AdamW moments", "saved per block and micro-batch", "MLP up",
-                   "attention scores", "LM head", "norms, residual adds", "bubble",
+    for needed in ("rank  tp  cp  pp", "layout #1", "AdamW moments", "saved per block and micro-batch", "MLP up",
+                   "attention scores", "LM head", "norms, residual adds", "bubble", "cp comm",
                    "dp comm", "messages per micro-batch slot", "no communication overlaps compute"):
         assert needed in text
     use = next(line for line in text.splitlines() if line.startswith("use it: megalm train CONFIG "))
     overrides = use.split("CONFIG ")[1].split()
     chosen = load_config("configs/quickstart.yaml", ["model=gpt-1.3b", *overrides]).parallel
-    assert (chosen.tp, chosen.pp) == (first["tp"], first["pp"])
+    assert (chosen.tp, chosen.pp, chosen.cp) == (first["tp"], first["pp"], first["cp"])
 
 
 # --------------------------------------------------------------------- against measured runs

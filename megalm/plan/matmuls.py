@@ -63,22 +63,23 @@ class Matmul:
                 Matmul(f"{self.name}: weight gradient", self.k, self.n, self.m, self.count)]
 
 
-def block_matmuls(m: ModelConfig, micro_batch: int, seq: int, tp: int) -> list[Matmul]:
+def block_matmuls(m: ModelConfig, micro_batch: int, seq: int, tp: int, cp: int = 1) -> list[Matmul]:
     """One block's forward matmuls on one tensor rank (key/value heads fewer than tp ranks are whole on each;
-    with sequence parallelism the projections still see the gathered sequence)."""
-    tokens, d, hd = micro_batch * seq, m.d_model, m.head_dim
+    with sequence parallelism the projections still see the gathered sequence; with context parallelism
+    they see 1/cp of it, and the attention core the whole sequence of 1/cp of the heads)."""
+    tokens, d, hd = micro_batch * seq // cp, m.d_model, m.head_dim
     heads, kv = m.n_heads // tp, (m.kv_heads // tp if m.kv_heads % tp == 0 else 1)
     up = m.ffn_dim * (2 if m.style == "llama" else 1)
     return [Matmul("q", tokens, heads * hd, d, 1), Matmul("k, v", tokens, 2 * kv * hd, d, 1),
-            Matmul("attention scores", seq, seq, hd, heads * micro_batch),
-            Matmul("attention mix", seq, hd, seq, heads * micro_batch),
+            Matmul("attention scores", seq, seq, hd, heads // cp * micro_batch),
+            Matmul("attention mix", seq, hd, seq, heads // cp * micro_batch),
             Matmul("attention output", tokens, d, heads * hd, 1),
             Matmul("MLP up", tokens, up // tp, d, 1), Matmul("MLP down", tokens, d, m.ffn_dim // tp, 1)]
 
 
-def head_matmul(m: ModelConfig, micro_batch: int, seq: int, tp: int) -> Matmul:
+def head_matmul(m: ModelConfig, micro_batch: int, seq: int, tp: int, cp: int = 1) -> Matmul:
     """The LM head (a classifier's head over its labels), this rank's slice of the vocabulary."""
-    return Matmul("LM head", micro_batch * seq, (len(m.labels) or m.vocab_size) // tp, m.d_model, 1)
+    return Matmul("LM head", micro_batch * seq // cp, (len(m.labels) or m.vocab_size) // tp, m.d_model, 1)
 
 
 def share(gpu: GPU, mm: Matmul, precision: str, element_bytes: int) -> float:

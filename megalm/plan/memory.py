@@ -179,21 +179,25 @@ def model_state(precision: str, zero: int, pipeline: bool, params: int, dp: int,
 
 
 def saved_per_layer(m: ModelConfig, tokens: int, tp: int, sp: bool, checkpointing: str, precision: str,
-                    device: str) -> dict[str, float]:
+                    device: str, cp: int = 1) -> dict[str, float]:
     """Bytes one Transformer block saves for backward on one tensor rank, for a micro-batch of
     ``tokens`` tokens, by what saves them (megalm.model.layers; the attention core is flash-style
     SDPA or Triton: q, k, v, the output and a log-sum-exp, never the T x T scores).
 
     With sequence parallelism everything outside the attention and MLP regions holds tokens / tp
     positions, the q/k/v and MLP projections' input included (they gather it again in backward).
+    With context parallelism a rank holds tokens / cp positions of everything, and attention the
+    whole sequence of 1/cp of the heads: the same bytes, but for key/value heads fewer than cp, each
+    rank then holding one of them whole (megalm.parallel.context_parallel).
     Full checkpointing keeps only the block's input; selective recomputes the attention core (with
     flash-style attention that frees only the log-sum-exp)."""
-    e, n, h, t = element_bytes(precision), tokens, m.d_model, tp
+    e, n, h, t = element_bytes(precision), tokens / cp, m.d_model, tp
     residual = n * h * e / (t if sp else 1)
     if checkpointing == "full":
         return {"block input (the checkpoint)": residual}
     llama, cpu = m.style == "llama", device == "cpu"
-    kv = (m.kv_heads // t if m.kv_heads % t == 0 else 1) * m.head_dim * n * e  # one of k, v on this rank
+    local_kv = m.kv_heads // t if m.kv_heads % t == 0 else 1
+    kv = max(local_kv, cp) / cp * m.head_dim * tokens * e  # one of k, v on this rank
     parts = {
         "residual inputs of the 2 norms": 2 * residual,
         "norm statistics (fp32)": 2 * n / (t if sp else 1) * 4 * (1 if llama else 2),
@@ -214,7 +218,8 @@ def saved_per_layer(m: ModelConfig, tokens: int, tp: int, sp: bool, checkpointin
 
 def saved_by_head(m: ModelConfig, tokens: int, tp: int, sp: bool, precision: str, device: str) -> dict[str, float]:
     """Bytes the last stage saves beyond its blocks: the final norm, the head's input and the loss's
-    fp32 log-probabilities (softmax with tp > 1) over this rank's slice of the vocabulary."""
+    fp32 log-probabilities (softmax with tp > 1) over this rank's slice of the vocabulary, for
+    ``tokens`` positions on this rank."""
     e, n, h, t = element_bytes(precision), tokens, m.d_model, tp
     residual = n * h * e / (t if sp else 1)
     parts = {"final norm input": residual, "final norm output, head input": residual,
@@ -243,18 +248,21 @@ def memory(cfg: Config, layout: Candidate, device: str = "cuda") -> Memory:
 def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> Memory:
     m, precision = cfg.model, cfg.train.precision
     micro_batches = layout.micro_batches(cfg)
-    tokens = layout.micro_batch * cfg.data.seq_len
-    state = model_state(precision, layout.zero, layout.pp > 1, stage.params, layout.dp, micro_batches, device)
+    tokens = layout.micro_batch * cfg.data.seq_len  # of whole sequences; a context-parallel rank holds 1/cp
+    local = tokens // layout.cp  # (cp divides the sequence)
+    # the context-parallel ranks of a sequence hold the same weights: ZeRO shards over them as over replicas
+    state = model_state(precision, layout.zero, layout.pp > 1, stage.params, layout.dp * layout.cp, micro_batches,
+                        device)
     per_layer = saved_per_layer(m, tokens, layout.tp, layout.sequence_parallel, layout.checkpointing, precision,
-                                device)
-    head = saved_by_head(m, tokens, layout.tp, layout.sequence_parallel, precision, device) if stage.last else {}
+                                device, layout.cp)
+    head = saved_by_head(m, local, layout.tp, layout.sequence_parallel, precision, device) if stage.last else {}
     # Pipeline messages (a tensor rank's 1/tp of an activation: its sequence shard with SP, else a slice
     # of the hidden dim that the next stage gathers). megalm's stage frees an output once its send is
     # done and holds a receive buffer from its receive to its backward (the input its first block
     # saves, counted with the blocks): 1F1B then holds two messages more (a send not yet waited for,
     # the next micro-batch's receive posted early); torch's other schedules wait for their sends at the
     # end of the step, so every message this rank's chunks send in a step is held until then.
-    message = tokens * m.d_model * element_bytes(precision) / layout.tp
+    message = local * m.d_model * element_bytes(precision) / layout.tp
     sending_chunks = layout.chunks - (1 if stage.last else 0)
     pipe_buffers = 0 if layout.pp == 1 else 2 * message if layout.schedule == "1f1b" else \
         micro_batches * sending_chunks * message
@@ -275,14 +283,14 @@ def stage_memory(cfg: Config, layout: Candidate, stage: Stage, device: str) -> M
     later = min(ahead, micro_batches - 1) * per_micro_batch + pipe_buffers + state.accumulated \
         if micro_batches > 1 else 0
     recompute = sum(saved_per_layer(m, tokens, layout.tp, layout.sequence_parallel, "none", precision,
-                                    device).values()) if layout.checkpointing == "full" else 0
-    working = max(loss_backward_bytes(m, tokens, layout.tp) if stage.last else 0, recompute)
+                                    device, layout.cp).values()) if layout.checkpointing == "full" else 0
+    working = max(loss_backward_bytes(m, local, layout.tp) if stage.last else 0, recompute)
     resident = state.weights + state.master + state.moments + state.buffers
     needs = {"start of backward": max(first, later) + working,  # what each moment of a step adds to the resident
              "end of backward": state.gradients + state.reduce,
              "optimizer step": state.gradients + state.fp32_gradients + state.step}
     peak_at = max(needs, key=needs.get)
-    inputs = {"tokens per micro-batch": tokens, "micro-batches per step": micro_batches,
+    inputs = {"tokens per micro-batch": local, "micro-batches per step": micro_batches,
               "micro-batches in flight": in_flight, "blocks on this stage": stage.blocks,
               "pipeline messages held (bytes)": pipe_buffers,
               "parameters on this GPU": stage.params, "saved per block per micro-batch (bytes)": per_layer,

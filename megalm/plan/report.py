@@ -128,14 +128,14 @@ def _header(plan: Plan) -> list[str]:
     return lines
 
 
-COLUMNS = "rank  tp  pp   dp  micro  zero  ckpt       sp   memory GB   step s    tokens/s    MFU"
+COLUMNS = "rank  tp  cp  pp   dp  micro  zero  ckpt       sp   memory GB   step s    tokens/s    MFU"
 
 
 def _table(estimates: list[Estimate]) -> list[str]:
     lines = [COLUMNS]
     for i, e in enumerate(estimates, 1):
         lay = e.layout
-        lines.append(f"{i:>4} {lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.micro_batch:>6} {lay.zero:>5}  "
+        lines.append(f"{i:>4} {lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {lay.micro_batch:>6} {lay.zero:>5}  "
                      f"{lay.checkpointing:<9} {'on' if lay.sequence_parallel else 'off':<4} "
                      f"{e.memory.allocated_gb:>9.2f} {e.time.total_s:>8.3f} {e.time.tokens_per_s:>11,.0f} "
                      f"{100 * e.time.mfu:>5.1f}%")
@@ -145,8 +145,9 @@ def _table(estimates: list[Estimate]) -> list[str]:
 def _explain(e: Estimate, plan: Plan) -> list[str]:
     """The inputs of every formula for one layout, and how to run it."""
     lay, mem, time, state = e.layout, e.memory, e.time, e.memory.state
-    p, dp = mem.stage.params, lay.dp
-    lines = [f"layout #1: tp={lay.tp} pp={lay.pp} dp={dp} micro-batch={lay.micro_batch} ZeRO {lay.zero} "
+    p, dp = mem.stage.params, lay.dp * lay.cp  # (ZeRO shards over the context-parallel ranks too)
+    cp = f" cp={lay.cp}" if lay.cp > 1 else ""
+    lines = [f"layout #1: tp={lay.tp}{cp} pp={lay.pp} dp={lay.dp} micro-batch={lay.micro_batch} ZeRO {lay.zero} "
              f"checkpointing={lay.checkpointing} sequence-parallel={'on' if lay.sequence_parallel else 'off'}"
              if e.fits else "closest layout:",
              f"memory per GPU: pipeline stage {mem.stage.index} of {lay.pp} (the most loaded), "
@@ -160,7 +161,8 @@ def _explain(e: Estimate, plan: Plan) -> list[str]:
              f"  DeepSpeed buffers {_gb(state.buffers)}   (reduce bucket, accumulation buffer, ZeRO-3's gathered "
              f"weights)",
              f"  activations       {_gb(mem.activations)}   ({mem.inputs['micro-batches in flight']:g} micro-batch(es) "
-             f"in flight x {mem.stage.blocks} blocks, {mem.inputs['tokens per micro-batch']:,} tokens each, and "
+             f"in flight x {mem.stage.blocks} blocks, {mem.inputs['tokens per micro-batch']:,} tokens each"
+             f"{f' (1/{lay.cp} of each sequence)' if lay.cp > 1 else ''}, and "
              f"{mem.inputs['pipeline messages held (bytes)'] / GB:.2f} GB of pipeline messages)",
              f"  backward working  {_gb(mem.working)}   (loss gradients over the vocabulary, or a recomputed block)",
              f"  end of backward   {_gb(state.reduce)}   (flattened gradients for the data-parallel reduction)",
@@ -197,6 +199,8 @@ def _explain(e: Estimate, plan: Plan) -> list[str]:
         f"chunk(s) per GPU, against {ti['micro-batches per step']} of work)",
         f"  tp comm  {time.tp_s:8.4f} s   (activation {ti['activation per micro-batch (bytes)'] / 1e6:,.1f} MB "
         f"per collective at {ti['tp link GB/s']:g} GB/s)",
+        f"  cp comm  {time.cp_s:8.4f} s   (attention's all-to-alls: {ti['cp all-to-all bytes per block'] / 1e6:,.1f} "
+        f"MB per block and micro-batch over cp={lay.cp} at {ti['cp link GB/s']:g} GB/s)",
         f"  dp comm  {time.dp_s:8.4f} s   (gradients {ti['gradient bytes per rank (largest stage)'] / GB:.2f} GB per "
         f"rank at {ti['dp link GB/s']:g} GB/s, ZeRO {lay.zero})",
         f"  pp comm  {time.pp_s:8.4f} s   ({ti['pipeline messages per slot']} messages per micro-batch slot at "

@@ -17,6 +17,10 @@ Per micro-batch, on the slowest pipeline stage (its blocks, and the head on the 
   in backward (with sequence parallelism the same volume as all-gathers and reduce-scatters), two more
   in full checkpointing's recomputed forward, plus the vocabulary-parallel embedding's and the head's;
   a ring all-reduce moves 2·(n-1)/n of the bytes per GPU, an all-gather or reduce-scatter (n-1)/n.
+- Context parallelism (cp ranks per sequence): every per-token part above on 1/cp of the tokens, the
+  attention core on 1/cp of the heads; per block, attention's all-to-alls (q, k, v in and the output
+  back; in backward their gradients and the output's again, for its weight gradient; the forward's again
+  under full checkpointing), each moving (cp-1)/cp of its bytes per GPU, over the cp group's link.
 - Pipeline: each stage boundary sends the activation forward and its gradient back, 1/tp of it per
   tensor rank (its sequence shard with sequence parallelism; without, a slice of the hidden dim that
   the next stage all-gathers, as Megatron-LM's scatter-gather sends it), each message after its
@@ -102,10 +106,11 @@ class StepTime:
     model_flops_per_gpu: float  # FLOPs of the model's work (no recomputation, no padding), for MFU
     peak_flops: float
     inputs: dict = field(default_factory=dict)
+    cp_s: float = 0.0  # context parallelism's all-to-alls
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.memory_s + self.bubble_s + self.tp_s + self.dp_s + self.pp_s
+        return self.compute_s + self.memory_s + self.bubble_s + self.tp_s + self.dp_s + self.pp_s + self.cp_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -120,6 +125,7 @@ def ring(collective: str, nbytes: float, ranks: int, gbs: float) -> float:
     """Seconds of a ring collective of ``nbytes`` per rank over ``ranks`` ranks at ``gbs`` GB/s."""
     if ranks == 1:
         return 0.0
+    # (an all-gather, reduce-scatter or all-to-all sends (n - 1)/n of its bytes)
     factor = 2 * (ranks - 1) / ranks if collective == "all-reduce" else (ranks - 1) / ranks
     return factor * nbytes / (gbs * 1e9)
 
@@ -133,14 +139,29 @@ def block_memory_bytes(m: ModelConfig, layout: Candidate, seq: int, precision: s
                        ) -> float:
     """Bytes one block's memory-bound kernels read and write per micro-batch on one tensor rank, recomputation
     included."""
-    e, tokens = element_bytes(precision), layout.micro_batch * seq
+    e, tokens = element_bytes(precision), layout.micro_batch * seq // layout.cp
     residual = tokens * m.d_model / (layout.tp if layout.sequence_parallel else 1)
-    hidden, scores = tokens * m.ffn_dim / layout.tp, layout.micro_batch * m.n_heads // layout.tp * seq * seq
+    hidden = tokens * m.ffn_dim / layout.tp
+    scores = layout.micro_batch * m.n_heads // layout.tp // layout.cp * seq * seq
     dropout = (DROPOUT_PASSES * e + DROPOUT_MASK_BYTES) * residual if m.dropout > 0 else 0
     forward = e * (RESIDUAL_PASSES[0] * residual + HIDDEN_PASSES[m.style][0] * hidden) + dropout
     backward = e * (RESIDUAL_PASSES[1] * residual + HIDDEN_PASSES[m.style][1] * hidden) + dropout
     recompute = {"none": 0, "selective": attention.forward * scores, "full": forward}[layout.checkpointing]
     return forward + backward + attention.forward * scores + attention.backward * scores + recompute
+
+
+def context_parallel_bytes(m: ModelConfig, layout: Candidate, seq: int, precision: str) -> float:
+    """Bytes one block's attention all-to-alls send per micro-batch on one rank (before the (cp-1)/cp
+    that stays): q, k, v and the output forward, their gradients and the output again backward, the
+    forward's again when fully checkpointed. Key/value heads fewer than cp are repeated up to cp first."""
+    if layout.cp == 1:
+        return 0.0
+    e, tokens = element_bytes(precision), layout.micro_batch * seq // layout.cp
+    heads = m.n_heads // layout.tp
+    kv = max(m.kv_heads // layout.tp if m.kv_heads % layout.tp == 0 else 1, layout.cp)
+    q = tokens * heads * m.head_dim * e
+    forward = 2 * q + 2 * tokens * kv * m.head_dim * e  # q and the output, k and v
+    return forward * (2 if layout.checkpointing != "full" else 3) + q
 
 
 def data_parallel_s(zero: int, grads: float, dp: int, gbs: float, micro_batches: int) -> float:
@@ -160,18 +181,20 @@ def step_time(cfg: Config, layout: Candidate, cluster: Cluster, attention: Atten
     micro_batches = batch_layout(layout.apply(cfg), layout.dp).grad_accum
     hbm = cluster.gpu.hbm_tbs * 1e12 * HBM_SHARE
 
-    forward = block_matmuls(m, b, seq, tp)
+    forward = block_matmuls(m, b, seq, tp, layout.cp)
     core = [mm for mm in forward if mm.name in ("attention scores", "attention mix")]
     recomputed = {"none": [], "selective": core, "full": forward}[layout.checkpointing]
     block_mm = forward + [g for mm in forward for g in mm.gradients()] + recomputed
-    head = head_matmul(m, b, seq, tp)
+    head = head_matmul(m, b, seq, tp, layout.cp)
     block = {"matmuls": matmul_time(block_mm, cluster, precision),
              "memory": block_memory_bytes(m, layout, seq, precision, attention) / hbm}
     last = {"matmuls": matmul_time([head, *head.gradients()], cluster, precision),
             "memory": (LOSS_PASSES * e + LOSS_FP32_PASSES * 4) * head.m * head.n / hbm}
 
-    activation = b * seq * m.d_model * e
+    activation = b * seq // layout.cp * m.d_model * e  # this rank's part of the sequences
     tp_gbs = cluster.group_gbs(1, tp)
+    cp_gbs = cluster.group_gbs(tp, layout.cp)  # (the cp ranks of a sequence follow its tensor ranks)
+    block["cp"] = ring("all-to-all", context_parallel_bytes(m, layout, seq, precision), layout.cp, cp_gbs)
     block["tp"] = (4 + (2 if layout.checkpointing == "full" else 0)) * ring("all-reduce", activation, tp, tp_gbs)
     ends = ring("all-reduce", activation, tp, tp_gbs)  # the embedding's on the first stage, the head's on the last
 
@@ -182,7 +205,7 @@ def step_time(cfg: Config, layout: Candidate, cluster: Cluster, attention: Atten
     p2p = messages * (P2P_LATENCY_S[pipeline_link] + sent / (pp_gbs * 1e9))
 
     def slot(stage) -> dict[str, float]:
-        parts = {k: stage.blocks * block[k] for k in ("matmuls", "memory", "tp")}
+        parts = {k: stage.blocks * block[k] for k in ("matmuls", "memory", "tp", "cp")}
         parts["matmuls"] += last["matmuls"] if stage.last else 0
         parts["memory"] += last["memory"] if stage.last else 0
         parts["tp"] += ends * (stage.first + stage.last)
@@ -197,9 +220,11 @@ def step_time(cfg: Config, layout: Candidate, cluster: Cluster, attention: Atten
     bubble_slots = (pp - 1) / chunks / (3 if layout.schedule in ("zb", "zbv") else 1)
 
     grads = max(s.params for s in split) * e
-    # the data-parallel groups of all stages reduce at once: the slowest sets the pace
-    dp_gbs = min(cluster.group_gbs(tp, layout.dp, stage * layout.dp * tp) for stage in range(pp))
-    dp = data_parallel_s(layout.zero, grads, layout.dp, dp_gbs, micro_batches)
+    # the data-parallel groups of all stages reduce at once: the slowest sets the pace (the context-parallel
+    # ranks of a sequence reduce their gradients with the replicas')
+    reducing = layout.dp * layout.cp
+    dp_gbs = min(cluster.group_gbs(tp, reducing, stage * reducing * tp) for stage in range(pp))
+    dp = data_parallel_s(layout.zero, grads, reducing, dp_gbs, micro_batches)
 
     per_token = flops_per_token(m, seq)
     peak = cluster.gpu.peak_tflops(precision) * 1e12
@@ -213,8 +238,10 @@ def step_time(cfg: Config, layout: Candidate, cluster: Cluster, attention: Atten
               "bubble share": bubble_slots / (micro_batches + bubble_slots),
               "pipeline messages per slot": messages, "p2p latency (s)": P2P_LATENCY_S[pipeline_link],
               "activation per micro-batch (bytes)": activation, "gradient bytes per rank (largest stage)": grads,
-              "tp link GB/s": tp_gbs, "dp link GB/s": dp_gbs, "pp link GB/s": pp_gbs}
+              "tp link GB/s": tp_gbs, "dp link GB/s": dp_gbs, "pp link GB/s": pp_gbs, "cp link GB/s": cp_gbs,
+              "cp all-to-all bytes per block": context_parallel_bytes(m, layout, seq, precision)}
     model_flops = per_token * cfg.train.global_batch * seq / layout.gpus
     return StepTime(micro_batches * slowest["matmuls"], micro_batches * slowest["memory"],
                     bubble_slots * sum(slowest.values()), micro_batches * slowest["tp"], dp,
-                    micro_batches * slowest["pp"], cfg.train.global_batch * seq, model_flops, peak, inputs)
+                    micro_batches * slowest["pp"], cfg.train.global_batch * seq, model_flops, peak, inputs,
+                    micro_batches * slowest["cp"])

@@ -197,7 +197,7 @@ class Watchdog:
         if self._ending.locked():  # the watchdog is ending this process over its verdict: this is a consequence
             self._park()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # a stop signal now ends the process at once
-            signal.signal(signum, lambda *_: self._exit(exit_code(e)))
+            signal.signal(signum, lambda *_: self._stop_at_once(e))
         if not broken_collective(e):
             if not isinstance(e, (MegalmError, OSError, KeyboardInterrupt)):  # a bug: where it happened matters
                 traceback.print_exception(e, file=sys.stderr)
@@ -312,6 +312,17 @@ class Watchdog:
         logging.shutdown()
         sys.stderr.flush()
         os._exit(code)
+
+    def _stop_at_once(self, e: BaseException) -> None:
+        """A stop signal after this rank failed (a launcher ending the rest once the first rank exited):
+        end now, but with the first failure's line when a peer posted it (this rank's collective may
+        have broken over that peer's exit, and its signal come before it read why)."""
+        first = self._read_failure(wait_s=0)
+        if first is not None and first["rank"] != self.rank:
+            if not self._ending.acquire(blocking=False):
+                self._park()  # the watchdog thread is saying it
+            say(f"{prefix()}: stopping because {describe(first)}")
+        self._exit(first["exit_code"] if first is not None else exit_code(e))
 
     def _park(self) -> None:
         """Another thread of this process is ending it: wait for that."""
