@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +37,14 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 
 _logged: set[tuple[str, str]] = set()
+
+
+class Like(NamedTuple):
+    """What the choice depends on of a tensor: its device type, dtype and last dim."""
+
+    device: str
+    dtype: torch.dtype
+    last_dim: int
 
 
 class KernelUnavailable(RuntimeError):
@@ -64,24 +73,24 @@ def apex_norms():
     return fused
 
 
-def _missing(op: str, impl: str, x: torch.Tensor) -> str | None:
+def _missing(op: str, impl: str, x: "Like") -> str | None:
     """Why `impl` cannot run `op` on tensors like x, or None if it can."""
     if impl in ("torch", "sdpa"):
         return None
     if impl == "triton":
         if not triton_installed():
             return "the 'triton' package is not installed (pip install 'megalm-kernels[triton]')"
-        if x.device.type != "cuda" and not interpreting():
-            return (f"Triton kernels need a CUDA tensor (got {x.device.type}); CPU tensors run "
+        if x.device != "cuda" and not interpreting():
+            return (f"Triton kernels need a CUDA tensor (got {x.device}); CPU tensors run "
                     "only under TRITON_INTERPRET=1, as in the tests")
         if x.dtype not in TRITON_DTYPES:
             return f"the Triton kernels take fp16/bf16/fp32, not {x.dtype}"
-        if op == "attention" and x.shape[-1] > TRITON_MAX_HEAD_DIM:
-            return f"head dim {x.shape[-1]} > {TRITON_MAX_HEAD_DIM}"
+        if op == "attention" and x.last_dim > TRITON_MAX_HEAD_DIM:
+            return f"head dim {x.last_dim} > {TRITON_MAX_HEAD_DIM}"
         return None
     if impl == "cuda":
-        if x.device.type != "cuda":
-            return f"the CUDA LayerNorm needs a CUDA tensor (got {x.device.type})"
+        if x.device != "cuda":
+            return f"the CUDA LayerNorm needs a CUDA tensor (got {x.device})"
         from torch.utils.cpp_extension import CUDA_HOME
         if CUDA_HOME is None:
             return "no CUDA toolkit (nvcc) found to build the extension; set CUDA_HOME"
@@ -95,16 +104,16 @@ def _missing(op: str, impl: str, x: torch.Tensor) -> str | None:
                     "project)")
         if op == "rms_norm" and not hasattr(apex_norms(), "fused_rms_norm_affine"):
             return "this Apex build has no fused RMSNorm"
-        if x.device.type != "cuda":
-            return f"Apex kernels need a CUDA tensor (got {x.device.type})"
+        if x.device != "cuda":
+            return f"Apex kernels need a CUDA tensor (got {x.device})"
         return None
     raise AssertionError(impl)
 
 
-def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
+def _auto(op: str, x: "Like") -> tuple[str, str]:
     default = "sdpa" if op == "attention" else "torch"
-    if x.device.type != "cuda":
-        return default, (f"auto on {x.device.type}: Triton kernels need CUDA; "
+    if x.device != "cuda":
+        return default, (f"auto on {x.device}: Triton kernels need CUDA; "
                          "interpreter only in tests")
     skipped = []
     for impl in AUTO_ON_CUDA[op]:
@@ -118,6 +127,10 @@ def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
 
 def choose(op: str, impl: str, x: torch.Tensor) -> tuple[str, str]:
     """(implementation, reason) that `op` with `impl` resolves to for tensors like x."""
+    return _choose(op, impl, Like(x.device.type, x.dtype, x.shape[-1]))
+
+
+def _choose(op: str, impl: str, x: "Like") -> tuple[str, str]:
     if op not in IMPLS:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(IMPLS)}")
     if impl == "auto":
@@ -132,7 +145,16 @@ def choose(op: str, impl: str, x: torch.Tensor) -> tuple[str, str]:
 
 def resolve(op: str, impl: str, x: torch.Tensor) -> str:
     """choose(), logging the first time each (op, implementation) pair is used."""
-    name, reason = choose(op, impl, x)
+    return _resolve(op, impl, x.device.type, x.dtype, x.shape[-1])
+
+
+# Under torch.compile this runs once, while the graph is traced, and its answer is a constant of the
+# graph: the choice depends only on what the graph is specialised on (device, dtype, last dim), and
+# tracing the logging and the set of pairs logged would break the graph at every norm and attention
+# and recompile it once the set changes.
+@torch.compiler.assume_constant_result
+def _resolve(op: str, impl: str, device: str, dtype: torch.dtype, last_dim: int) -> str:
+    name, reason = _choose(op, impl, Like(device, dtype, last_dim))
     if (op, name) not in _logged:
         _logged.add((op, name))
         log.info("%s: %s (%s)", op, name, reason)
