@@ -5,11 +5,13 @@
 #   1 environment   nvidia-smi, torch and triton versions, the commit measured   environment.txt
 #   2 kernel tests  kernels/tests at full size (every tile, the CUDA LayerNorm)  logs/tests.txt
 #   3 kernels       attention against torch SDPA's best backend (causal or not, head_dim 64/128, seq
-#                   1k-16k, forward and forward+backward) and the norms against the same run's copy
-#                   bandwidth                                                    kernels.{json,md,png}
-#   4 train         megalm bench train in bf16, eager and compiled: GPT-2 124M at seq 1024 and
-#                   gpt-1.3b at seq 2048 (one GPU: pp=1, and tp=1, where sequence parallelism is moot)
-#                                                                                train-<model>/train.{json,md,png}
+#                   1k-16k, forward and forward+backward), the norms against the same run's copy
+#                   bandwidth, linears in bf16 against FP8 (both recipes, the casts included, the
+#                   shapes of GPT-2 124M to a 7B Llama)                           kernels.{json,md,png}
+#   4 train         megalm bench train in bf16, eager and compiled, and compiled with FP8 linears where
+#                   this GPU's timing finds them faster (train.fp8.layers=auto; target: gpt-1.3b at
+#                   >= 1.25x compiled bf16): GPT-2 124M at seq 1024 and gpt-1.3b at seq 2048 (one GPU:
+#                   pp=1, and tp=1, where sequence parallelism is moot)         train-<model>/train.{json,md,png}
 # Each stage has a time budget; one that overruns is stopped, says so in its log, and the next runs.
 #
 #   MEGALM_GIT_COMMIT=<sha> bash benchmarks/gpu_check.sh       # on the GPU machine (its tree has no .git)
@@ -45,7 +47,7 @@ if [ "$dry" = 1 ]; then
 else
     slug=$($PY -c "import torch; from megalm_kernels.provenance import device_name, device_slug; \
 print(device_slug(device_name(torch.device('cuda'))))") || { echo "gpu_check: no CUDA device" >&2; exit 2; }
-    budget() { case $1 in tests) echo 100 ;; kernels) echo 150 ;; train) echo 110 ;; esac; }
+    budget() { case $1 in tests) echo 80 ;; kernels) echo 150 ;; train) echo 125 ;; esac; }  # estimates: never run on a GPU yet
 fi
 out=${OUT:-benchmarks/results}/$slug
 mkdir -p "$out/logs"
@@ -90,15 +92,18 @@ if [ "$dry" = 1 ]; then
           train.global_batch=2 train.micro_batch_size=2 train.device=cpu"
     runs=("tiny|quickstart|$tiny")
     steps=(--steps 3 --warmup 1)
+    fp8=train.fp8.layers=auto,train.fp8.emulate=true  # (FP8 emulated on a CPU, where it never pays: none converted)
 else
     runs=("gpt2-124m|gpt2-125m|train.global_batch=64 train.micro_batch_size=16"
           "gpt-1.3b|gpt2-125m|model=gpt-1.3b data.seq_len=2048 train.global_batch=16 train.micro_batch_size=8")
     steps=(--steps 24 --warmup 8)
+    fp8=train.fp8.layers=auto
 fi
 for run in "${runs[@]}"; do
     IFS='|' read -r name config overrides <<< "$run"
     # shellcheck disable=SC2086  # the overrides are words
     stage "train-$name" $PY -m megalm.cli bench train "$config" $overrides train.precision=bf16 "${steps[@]}" \
-        --variant eager: --variant compiled:train.compile=true --out "$out/train-$name"
+        --variant eager: --variant compiled:train.compile=true --variant "fp8:train.compile=true,$fp8" \
+        --out "$out/train-$name"
 done
 echo "gpu_check: all stages in $(( $(date +%s) - started )) s; results in $out"

@@ -179,6 +179,20 @@ class SpikeConfig:
 
 
 @dataclass(frozen=True)
+class Fp8Config:
+    layers: Literal["off", "auto", "all"] = field(
+        "off", "FP8 matmuls in the Transformer blocks' linear layers (a bf16 run; megalm/model/fp8.py): auto converts "
+               "each layer shape that this device's own timing finds faster in FP8, casts included; all converts "
+               "every one")
+    recipe: Literal["tensorwise", "rowwise"] = field("tensorwise", "torchao's dynamic scaling: per tensor or per row")
+    min_speedup: float = field(1.05, "auto converts a shape whose forward+backward is at least this much faster")
+    timings: str = field("", "auto: a timing table to decide from (megalm bench kernels --ops fp8 writes one) "
+                             "instead of timing this run's shapes at start-up")
+    emulate: bool = field(False, "run the FP8 casts and scales with high-precision matmuls (torchao's emulation: "
+                                 "tests on a CPU)")
+
+
+@dataclass(frozen=True)
 class StragglerConfig:
     ratio: float = field(1.5, "a rank whose own time per step (compute and data, not waiting in collectives) is "
                               "RATIO x the median of the other ranks of its pipeline stage or more is slow (0: never "
@@ -234,6 +248,7 @@ class TrainConfig:
     wandb: WandbConfig = field(WandbConfig(), "Weights & Biases logging")
     profile: ProfileConfig = field(ProfileConfig(), "torch profiler traces of chosen steps (RUN_DIR/profile/)")
     spike: SpikeConfig = field(SpikeConfig(), "loss spikes rolled back (megalm/train/rollback.py)")
+    fp8: Fp8Config = field(Fp8Config(), "FP8 linear layers (megalm/model/fp8.py)")
     max_nonfinite: int = field(3, "this many non-finite (skipped) steps in a row roll the run back, as a spike does")
     max_rollbacks: int = field(3, "rollbacks a run may make; one more anomaly then stops it with an error")
     straggler: StragglerConfig = field(StragglerConfig(), "slow ranks named (megalm/observe/stragglers.py)")
@@ -556,8 +571,29 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.decay_fraction: must be in (0, 1], got {t.decay_fraction}")
     validate_task(cfg)
     validate_model_split(cfg)
+    validate_fp8(cfg)
     if world_size is not None:
         validate_layout(cfg, world_size)
+
+
+def validate_fp8(cfg: Config) -> None:
+    """What FP8 linear layers compose with (megalm/model/fp8.py): a bf16 run; tensor parallelism without
+    sequence parallelism, pipelines, data parallelism and every ZeRO stage; not the fused linears that
+    move their input between ranks inside one autograd function (SP's gather, cp's all-to-all)."""
+    f, p = cfg.train.fp8, cfg.parallel
+    if f.layers == "off":
+        return
+    if cfg.train.precision != "bf16":
+        raise ConfigError(f"train.fp8.layers={f.layers}: FP8 matmuls run in a bf16 run (bf16 weights, fp32 master "
+                          f"weights in the optimizer); set train.precision=bf16 (got {cfg.train.precision})")
+    if p.sequence_parallel and p.tp > 1:
+        raise ConfigError(f"train.fp8.layers={f.layers}: not with parallel.sequence_parallel=true: its linears gather "
+                          f"the sequence inside one bf16 autograd function; use tp={p.tp} without it, or no FP8")
+    if p.cp > 1:
+        raise ConfigError(f"train.fp8.layers={f.layers}: not with parallel.cp={p.cp}: the output projection is fused "
+                          f"with the all-to-all in one bf16 autograd function; use cp=1, or no FP8")
+    if f.min_speedup <= 0:
+        raise ConfigError(f"train.fp8.min_speedup: must be > 0, got {f.min_speedup}")
 
 
 def resolve(cfg: Config, world_size: int | None, *, tokenizer_vocab: int, labels: list[str] = (), examples: int = 0) -> Config:

@@ -24,10 +24,13 @@ def test_every_stage_of_the_gpu_check_runs_and_writes_its_results(data_dir, tmp_
     assert "no nvidia-smi: a CPU rehearsal" in (out / "environment.txt").read_text()
     assert " tests collected" in (out / "logs" / "tests.txt").read_text()
     kernels = json.loads((out / "kernels.json").read_text())
-    assert kernels["rows"] and kernels["meta"]["quick"] is True
+    assert kernels["meta"]["quick"] is True
+    assert {"attention", "layer_norm", "rms_norm", "linear"} <= {r["op"] for r in kernels["rows"]}
     train = json.loads((out / "train-tiny" / "train.json").read_text())  # megalm bench train's steady state:
-    eager, compiled = train["rows"]  # 3 steps less 1 of warm-up, each variant in a process of its own
+    eager, compiled, fp8 = train["rows"]  # 3 steps less 1 of warm-up, each variant in a process of its own
     assert (eager["variant"], compiled["variant"], compiled["overrides"]) == ("eager", "compiled", "train.compile=true")
-    assert eager["steps_measured"] == compiled["steps_measured"] == 2 and "backward" in eager["breakdown"]
+    assert fp8["overrides"] == "train.compile=true train.fp8.layers=auto train.fp8.emulate=true"
+    assert eager["steps_measured"] == compiled["steps_measured"] == fp8["steps_measured"] == 2
+    assert "backward" in eager["breakdown"]
     assert eager["tokens_per_s"] > 0 and eager["mfu"] is None and eager["mem_peak_gb"] > 0  # (no MFU on a CPU)
     assert train["meta"]["git_commit"]

@@ -4,6 +4,9 @@ Attention (Triton vs torch SDPA vs the explicit torch reference) in TFLOP/s, cau
 half the work; LayerNorm / RMSNorm (Triton, CUDA extension, Apex, torch eager, torch.compile) in
 GB/s of the bytes the op must move. Each row is also given as a fraction of the bf16 matmul rate
 or copy bandwidth measured in the same run, and as a speedup over the other implementations.
+Linear layers' matmuls in bf16 against FP8 (torchao's float8 training, tensorwise and rowwise
+scaling, the casts included: fp8_linear.py), forward and backward, per (tokens, out, in) shape: the
+table ``train.fp8.layers=auto`` can decide from (``train.fp8.timings``).
 
     python -m megalm_kernels.bench                       # full sweep on the GPU
     python -m megalm_kernels.bench --quick --out DIR     # CPU smoke run: tiny shapes, torch only
@@ -18,7 +21,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from . import attention, benchmarking, layer_norm, provenance, rms_norm
+from . import attention, benchmarking, fp8_linear, layer_norm, provenance, rms_norm
 from .dispatch import apex_norms
 
 SEQS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -35,9 +38,11 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes and torch paths only (a CPU smoke run)")
     p.add_argument("--out", help="result directory (default benchmarks/results/<device>)")
-    p.add_argument("--ops", default="attention,norms", help="comma list: attention,norms")
+    p.add_argument("--ops", default="attention,norms,fp8", help="comma list: attention,norms,fp8")
     p.add_argument("--seqs", default=None, help="attention sequence lengths, comma list")
     p.add_argument("--hiddens", default=None, help="norm hidden sizes, comma list")
+    p.add_argument("--linears", default=None,
+                   help="linear shapes to time in bf16 and FP8, tokens x out x in, comma list (e.g. 8192x4096x4096)")
     p.add_argument("--impls", default=None,
                    help="only these implementations (comma list), e.g. triton,sdpa,torch")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -210,6 +215,39 @@ def _norm_call(fn, x, r, w, b, dy, mode):
 SKIPPED: list[str] = []
 
 
+# (out, in) of the linear layers of gpt2-124M, gpt-1.3b and a 7B Llama (q, q|k|v, MLP up, down), at
+# LINEAR_TOKENS tokens per micro-batch
+LINEAR_SHAPES = ((768, 768), (2304, 768), (3072, 768), (768, 3072), (2048, 2048), (6144, 2048), (8192, 2048),
+                 (2048, 8192), (4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008))
+LINEAR_TOKENS = (8192,)
+
+
+def linear_shapes(args):
+    if args.linears:
+        return [tuple(int(v) for v in s.split("x")) for s in args.linears.split(",")]
+    if args.quick:
+        return [(256, 256, 256)]
+    return [(m, n, k) for m in LINEAR_TOKENS for n, k in LINEAR_SHAPES]
+
+
+def bench_fp8_linears(args, device):
+    """bf16 against FP8 linears (both recipes; emulated off CUDA), forward+backward with every cast."""
+    from .fp8_linear import RECIPES, Float8Product
+
+    emulate = device.type != "cuda"
+    impls = {"bf16": F.linear, **{f"fp8-{r}": Float8Product(r, emulate) for r in RECIPES}}
+    rows = []
+    for m, n, k in linear_shapes(args):
+        for impl, product in impls.items():
+            ms = _time(fp8_linear.linear_call(m, n, k, product, device), device, f"linear {impl} {m}x{n}x{k}")
+            if ms is None:
+                continue
+            rows.append({"op": "linear", "mode": "fwd+bwd", "shape": f"{m}x{n}x{k}", "impl": impl,
+                         "dtype": "bfloat16", "emulated": emulate and impl != "bf16", "ms": ms, "unit": "TFLOP/s",
+                         "rate": 6 * m * n * k / ms / 1e9})
+    return rows
+
+
 def _selected(impls, args):
     return [i for i in impls if not args.impls or i in args.impls.split(",")]
 
@@ -241,7 +279,7 @@ COLUMNS = [("op", "op"), ("mode", "mode"), ("shape", "shape"), ("impl", "impl"),
            ("rate", "rate"), ("unit", "unit"), ("of_ceiling", "of ceiling"),
            ("x_vs_sdpa", "× vs sdpa"), ("x_vs_torch", "× vs torch"),
            ("x_vs_compile", "× vs compile"), ("x_vs_apex", "× vs apex"),
-           ("x_vs_triton", "× vs triton")]
+           ("x_vs_triton", "× vs triton"), ("x_vs_bf16", "× vs bf16")]
 
 
 def plot(rows, path, meta):
@@ -255,7 +293,7 @@ def plot(rows, path, meta):
     for ax, op, x_key, unit, ceiling in panels:
         series = {}
         for row in rows:
-            if row["unit"] != unit or row["mode"] != "fwd+bwd":
+            if row["unit"] != unit or row["mode"] != "fwd+bwd" or row["op"] == "linear":
                 continue
             if op == "attention":
                 label = (f"{row['impl']} d{row['head_dim']}"
@@ -296,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_attention(args, device, dtype)
     if "norms" in ops:
         rows += bench_norms(args, device, dtype)
+    if "fp8" in ops:
+        rows += bench_fp8_linears(args, device)
     add_comparisons(rows, meta["ceilings"])
     meta["skipped"] = list(SKIPPED)
     out = benchmarking.results_dir(device, args.out)

@@ -91,12 +91,13 @@ class Attention(nn.Module):
         self.selective_checkpoint = False  # set by the model: recompute the attention core in backward
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _kv_linear(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The key/value projection's weight and bias; replicated ones are shared by the region."""
+    def _kv_linear(self) -> tuple:
+        """The key/value projection's weight, bias and product; replicated ones are shared by the region
+        (and multiplied in the model's precision: FP8 converts the split ones only)."""
         if self.split_kv:
-            return self.kv.weight, self.kv.bias
+            return self.kv.weight, self.kv.bias, self.kv.product
         bias = None if self.kv.bias is None else self.tp.shared_weight(self.kv.bias)
-        return self.tp.shared_weight(self.kv.weight), bias
+        return self.tp.shared_weight(self.kv.weight), bias, F.linear
 
     def _keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, T, heads, D) of the key/value projection's output."""
@@ -122,7 +123,8 @@ class Attention(nn.Module):
         return megalm_kernels.attention(q, k, v, causal=self.causal, impl=self.impl)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
-        q, kv = self.tp.column_parallel(x, (self.q.weight, self.q.bias), self._kv_linear())  # one gather with SP
+        # one gather of the sequence with SP
+        q, kv = self.tp.column_parallel(x, (self.q.weight, self.q.bias, self.q.product), self._kv_linear())
         b, t, _ = q.shape
         q = q.view(b, t, self.local_heads, self.head_dim)
         k, v = self._keys_values(kv)
@@ -133,7 +135,7 @@ class Attention(nn.Module):
         else:
             y = self._core(q, k, v, padding)
         # (B, T, heads, D), back to this rank's part of the sequence with context parallelism
-        return self.dropout(self.out(y.transpose(1, 2), product=output_projection(self.tp.mesh)))
+        return self.dropout(self.out(y.transpose(1, 2), product=output_projection(self.tp.mesh, self.out.product)))
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -80,12 +80,12 @@ class _HeadsToSequenceLinear(torch.autograd.Function):
         return grad_y, grad_weight, None
 
 
-def output_projection(mesh: Mesh):
+def output_projection(mesh: Mesh, product=F.linear):
     """How attention's output (B, s, H/cp, D) meets its output projection's weight: on one context
-    rank a plain matmul of the heads flattened; with cp, back to this rank's part of the sequence
-    inside the matmul (``_HeadsToSequenceLinear``)."""
+    rank the layer's ``product`` of the heads flattened; with cp, back to this rank's part of the
+    sequence inside the matmul (``_HeadsToSequenceLinear``: bf16 or fp32 only, as config checks)."""
     if mesh.cp == 1:
-        return lambda y, weight: F.linear(y.flatten(2), weight)
+        return lambda y, weight: product(y.flatten(2), weight)
     return lambda y, weight: _HeadsToSequenceLinear.apply(y, weight, mesh.cp_group)
 
 

@@ -75,8 +75,8 @@ class Mesh:
             for d in range(self.dp):
                 ranks = [self.global_rank(p, d, t) for t in range(self.tp)]
                 part = f", sequence part {d % self.cp}" if self.cp > 1 else ""
-                lines.append(f"  pipeline stage {p}, data rank {d // self.cp}{part}: global ranks {ranks} (tensor ranks "
-                             f"0..{self.tp - 1})")
+                lines.append(f"  pipeline stage {p}, data rank {d // self.cp}{part}: global ranks {ranks} "
+                             f"(tensor ranks 0..{self.tp - 1})")
         return "\n".join(lines)
 
     # ---- the model-parallel-unit interface DeepSpeed calls

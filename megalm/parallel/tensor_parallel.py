@@ -200,16 +200,19 @@ class TPContext:
     def rank(self) -> int:
         return self.mesh.tp_rank
 
-    def column_parallel(self, x: torch.Tensor, *linears: tuple[torch.Tensor, torch.Tensor | None]
-                        ) -> tuple[torch.Tensor, ...]:
+    def column_parallel(self, x: torch.Tensor, *linears: tuple) -> tuple[torch.Tensor, ...]:
         """Into a parallel region through the linears that read its input ``x`` (with SP this rank's
-        sequence shard): ``F.linear(x, W, b)`` of the full sequence for each ``(W, b)``. With SP the
-        sequence is gathered once for all of them and only the shard is kept for backward."""
+        sequence shard): ``product(x, W, b)`` of the full sequence for each ``(W, b[, product])``
+        (``F.linear`` unless given: FP8 layers give theirs). With SP the sequence is gathered once for
+        all of them and only the shard is kept for backward."""
+        linears = [(w, b, *rest, F.linear)[:3] for w, b, *rest in linears]
         if self.size > 1 and self.sequence_parallel:
-            return _GatheredLinears.apply(x, self.mesh.tp_group, *(t for pair in linears for t in pair))
+            if any(product is not F.linear for _, _, product in linears):
+                raise NotImplementedError("FP8 linears under sequence parallelism (config refuses it)")
+            return _GatheredLinears.apply(x, self.mesh.tp_group, *(t for w, b, _ in linears for t in (w, b)))
         if self.size > 1:
             x = _EnterRegion.apply(x, self.mesh.tp_group)
-        return tuple(F.linear(x, w, b) for w, b in linears)
+        return tuple(product(x, w, b) for w, b, product in linears)
 
     def exit(self, x: torch.Tensor) -> torch.Tensor:
         """Out of a parallel region: sum the ranks' partial outputs (scattered along the sequence with SP)."""
@@ -354,9 +357,10 @@ class ColumnParallelLinear(nn.Module):
         shard = Shard(0, tuple(out_parts))
         self.weight = sharded_parameter((sum(out_parts), in_features), shard, tp.size, init_std)
         self.bias = sharded_parameter((sum(out_parts),), shard, tp.size, None) if bias else None
+        self.product = F.linear  # x W^T (+ b); megalm/model/fp8.py may give the layer an FP8 one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.column_parallel(x, (self.weight, self.bias))[0]
+        return self.tp.column_parallel(x, (self.weight, self.bias, self.product))[0]
 
 
 class RowParallelLinear(nn.Module):
@@ -370,11 +374,12 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.weight = sharded_parameter((out_features, in_features), Shard(1, (in_features,)), tp.size, init_std)
         self.bias = parameter((out_features,), None) if bias else None
+        self.product = F.linear  # x W^T; megalm/model/fp8.py may give the layer an FP8 one
 
-    def forward(self, x: torch.Tensor, product=F.linear) -> torch.Tensor:
-        """``product(x, W)``: this rank's partial product (attention's output projection passes one
-        that also moves its input between context-parallel ranks)."""
-        y = self.tp.exit(product(x, self.weight))
+    def forward(self, x: torch.Tensor, product=None) -> torch.Tensor:
+        """``product(x, W)``: this rank's partial product (the layer's own, unless attention's output
+        projection passes one that also moves its input between context-parallel ranks)."""
+        y = self.tp.exit((product or self.product)(x, self.weight))
         return y if self.bias is None else y + self.tp.replicated(self.bias)
 
 

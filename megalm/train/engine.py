@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 
 import torch
-
+from megalm_kernels.provenance import device_name
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from megalm.config import Config, batch_layout
+from megalm.model import fp8
 from megalm.model.layers import Block
 from megalm.model.pipeline import PipelineModel
 from megalm.model.transformer import Transformer
@@ -27,13 +28,18 @@ from megalm.train.schedule import lr_multiplier
 log = logging.getLogger("megalm")
 
 
-def build_model(cfg: Config, mesh: Mesh) -> nn.Module:
+def build_model(cfg: Config, mesh: Mesh, device: torch.device | None = None) -> nn.Module:
+    """This rank's model. ``device``: where it trains, whose speed decides which linears run in FP8
+    (``train.fp8``; collective then); None builds it as evaluation does, every linear as saved."""
     p = cfg.parallel
     if mesh.pp > 1:
         model = PipelineModel(cfg, mesh, seed=cfg.train.seed)
     else:
         model = Transformer(cfg.model, mesh, seed=cfg.train.seed, sequence_parallel=p.sequence_parallel,
                             checkpointing=p.activation_checkpointing)
+    if device is not None and cfg.train.fp8.layers != "off":
+        tokens = batch_layout(cfg, mesh.data_parallel).micro_batch_size * cfg.data.seq_len // mesh.cp
+        log.info(fp8.convert(model, cfg, tokens, device, device_name(device)))
     if cfg.train.compile:
         compile_blocks(model)
     return model

@@ -168,7 +168,7 @@ class Trainer:
     def _build_engine(self):
         RNGState.seed(self.cfg.train.seed)  # dropout; weights are seeded per layer (tensor_parallel.init_layer)
         self.mem_base_gb = start_memory_peak()  # the peak minus this: what the model and its training add
-        engine = build_engine(self.cfg, build_model(self.cfg, self.mesh), self.mesh)
+        engine = build_engine(self.cfg, build_model(self.cfg, self.mesh, self.world.device), self.mesh)
         m = self.cfg.model
         if self.world.is_main:
             log.info("model: %s (%s style), %.2fM parameters, %d layers x %d wide, vocab %d%s; %s", m.name,
