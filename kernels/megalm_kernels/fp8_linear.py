@@ -23,21 +23,23 @@ RECIPES = ("tensorwise", "rowwise")
 
 
 def _import_torchao() -> None:
-    """Import torchao; on a torch without CUDA, without its warning for each CUDA kernel library it
-    cannot load there (none is used by the emulated path)."""
+    """Import torchao without two warnings that ask nothing of a user: on a torch without CUDA, one
+    for each CUDA kernel library it cannot load there (the emulated path uses none); and torch's
+    deprecation notice for how torchao registers an enum with torch.compile."""
     import logging
 
-    quiet = not torch.cuda.is_available()
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    if quiet:
+    quiet = [logging.getLogger("torch.utils._pytree")] + ([logging.getLogger("torchao")]
+                                                          if not torch.cuda.is_available() else [])
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
     except ImportError as e:
         raise ImportError("FP8 linear layers need torchao: pip install 'megalm[fp8]' (torchao>=0.18)") from e
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 def float8_config(recipe: str, emulate: bool):
