@@ -148,14 +148,18 @@ def resolve(op: str, impl: str, x: torch.Tensor) -> str:
     return _resolve(op, impl, x.device.type, x.dtype, x.shape[-1])
 
 
-# Under torch.compile this runs once, while the graph is traced, and its answer is a constant of the
-# graph: the choice depends only on what the graph is specialised on (device, dtype, last dim), and
-# tracing the logging and the set of pairs logged would break the graph at every norm and attention
-# and recompile it once the set changes.
-@torch.compiler.assume_constant_result
 def _resolve(op: str, impl: str, device: str, dtype: torch.dtype, last_dim: int) -> str:
     name, reason = _choose(op, impl, Like(device, dtype, last_dim))
     if (op, name) not in _logged:
         _logged.add((op, name))
         log.info("%s: %s (%s)", op, name, reason)
     return name
+
+
+# Under torch.compile _resolve runs once, while the graph is traced, and its answer is a constant of the
+# graph: the choice depends only on what the graph is specialised on (device, dtype, last dim), and
+# tracing the logging and the set of pairs logged would break the graph at every norm and attention
+# and recompile it once the set changes. This is what torch.compiler.assume_constant_result does; the
+# decorator itself imports torch._dynamo, and with it triton, which importing this package must not
+# (tests/test_train.py checks that a compiled block is one graph, so a rename in torch would show).
+_resolve._dynamo_marked_constant = True

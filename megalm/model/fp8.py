@@ -97,15 +97,14 @@ def speedups(shapes: set[Shape], cfg: Config, device: torch.device, device_name:
     """Collective: the FP8 speedup of every rank's shapes, decided on rank 0 (from the timing table,
     and timing what it lacks) so that every rank converts alike; and where the figures came from."""
     f = cfg.train.fp8
+    found = recorded_speedups(f.timings, f.recipe, device_name) if f.timings else {}  # (a bad table fails every rank)
     everyone = [shapes]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, shapes)
     decided = [None, ""]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        wanted = set().union(*everyone)
-        found = recorded_speedups(f.timings, f.recipe, device_name) if f.timings else {}
-        missing = wanted - set(found)
+        missing = set().union(*everyone) - set(found)
         found |= measured_speedups(missing, f.recipe, f.emulate, device) if missing else {}
         timed = f"{len(missing)} shape(s) timed on {device_name} at start-up" if missing else ""
         source = "; ".join(part for part in (f"from {f.timings}" if f.timings else "", timed) if part)
