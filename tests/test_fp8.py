@@ -5,6 +5,7 @@ between FP8 and bf16 both ways; what FP8 does not compose with."""
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -104,6 +105,19 @@ def test_fp8_trains_within_1pct_of_bf16_on_any_layout_and_checkpoints_cross_both
     assert "resume: from" in log and "(rowwise scaling" in log, log[-2000:]
     assert len(train_losses(crossed)) == 12 and _close(train_losses(crossed), reference), train_losses(crossed)
     assert train_losses(crossed) != reference  # (its last 6 steps did run in FP8)
+
+
+def test_fp8_on_a_cpu_is_refused_through_megalm_train(data_args, tmp_path):
+    """As a user meets it: megalm train with FP8 asked for on a machine without FP8 matmuls (not
+    emulated) stops before training with one line naming the key and the way out, exit code 2."""
+    started = time.monotonic()
+    proc = run_megalm("train", CONFIG, *TINY, *data_args, "train.precision=bf16", "train.fp8.layers=auto",
+                      f"train.run_dir={tmp_path / 'run'}", check=False)
+    took = time.monotonic() - started
+    line = ("megalm: config error: train.fp8.layers=auto: FP8 matmuls need a CUDA GPU with FP8 (Hopper, Ada or "
+            "newer), this run is on cpu; train.fp8.emulate=true runs the same casts with high-precision matmuls")
+    assert proc.returncode == 2 and line in proc.stderr, proc.stderr[-2000:]
+    assert took < 30, took
 
 
 @pytest.mark.parametrize("overrides, message", [
