@@ -251,6 +251,9 @@ class TrainConfig:
     fp8: Fp8Config = field(Fp8Config(), "FP8 linear layers (megalm/model/fp8.py)")
     max_nonfinite: int = field(3, "this many non-finite (skipped) steps in a row roll the run back, as a spike does")
     max_rollbacks: int = field(3, "rollbacks a run may make; one more anomaly then stops it with an error")
+    rollback_copy: bool = field(True, "every rank also holds the newest save in host memory (the size of what it "
+                                      "holds on its device, in fp32), so a rollback to it reads no file (false: "
+                                      "rollbacks read the checkpoint's files)")
     straggler: StragglerConfig = field(StragglerConfig(), "slow ranks named (megalm/observe/stragglers.py)")
     collectives_kept: int = field(64, "each rank keeps its last N collectives, written to RUN_DIR/collectives/ with "
                                       "every watchdog verdict and failure")

@@ -3,6 +3,7 @@ settings: faults injected with ``MEGALM_FAULTS`` (megalm/train/faults.py) go thr
 arithmetic a real fault would."""
 
 import json
+import re
 import time
 
 import psutil
@@ -70,8 +71,18 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_changes_nothing(data_arg
         assert rows[3]["skipped"] == [3] and rows[4]["skipped"] == [4] and rows[4]["loss"] is None, name
         assert rows[3]["loss"] > 0 and rows[4]["nonfinite"] == ["loss", "grad_norm"], name
         assert rows[5]["skipped_steps"] == 2 and rows[5]["loss"] > 0 and "skipped" not in rows[5], name
-        assert "rollback 1 of at most 3: step 8: a loss spike: " in log and "back to step_00000007 in " in log, name
+        assert "rollback 1 of at most 3: step 8: a loss spike: " in log, name
+        assert "back to step_00000007 (from its copy held in memory) in " in log, (name, log[-3000:])
         assert rows[9]["rollbacks"] == 1 and rows[9]["skipped_steps"] == 3, (name, rows[9])
+        # put back from memory as it was saved: step 8 (its data skipped after the rollback) saves step 7's state
+        (adam7, state7), (adam8, state8) = saved(run_dir, 7), saved(run_dir, 8)
+        assert adam8 == adam7 and all(torch.equal(a, b) for n in state7 for a, b in zip(state7[n], state8[n])), name
+        if "ZeRO 2" in name:  # the 16-bit weights too (whole on each rank, the masters a fragment): as from disk
+            again = run_dir.with_name("from-files")
+            log = torchrun(nproc, *args, f"train.run_dir={again}", "train.rollback_copy=false", extra_env=faults).stderr
+            assert "back to step_00000007 (from its files (train.rollback_copy=false)) in " in log, log[-3000:]
+            ours, theirs = final_state(run_dir, 9), final_state(again, 9)
+            assert all(torch.equal(a, b) for n in theirs for a, b in zip(ours[n], theirs[n])), name
 
 
 def final_state(run_dir, step: int) -> dict[str, list[torch.Tensor]]:
@@ -89,8 +100,9 @@ def test_a_loss_spike_rolls_back_and_ends_where_a_run_skipping_its_data_ends(dat
     spiked, clean = tmp_path / "spiked", tmp_path / "clean"
     log = run_megalm(*args, f"train.run_dir={spiked}", extra_env={"MEGALM_FAULTS": "scale=20@8"}).stderr
     run_megalm(*args, f"train.run_dir={clean}", "data.skip_steps=[8]")
-    assert "rollback 1 of at most 3: step 8: a loss spike: " in log and "back to step_00000006 in " in log, log[-3000:]
-    assert float(log.split("back to step_00000006 in ")[1].split(" s,")[0]) < 10  # detection to training again
+    assert "rollback 1 of at most 3: step 8: a loss spike: " in log, log[-3000:]
+    back = re.search(r"back to step_00000006 \(from its copy held in memory\) in ([\d.]+) s,", log)
+    assert back and float(back.group(1)) < 10, log[-3000:]  # detection to training again
     assert "step 8: its data is skipped (after a rollback)" in log
     ours, theirs = final_state(spiked, 12), final_state(clean, 12)
     assert all(torch.equal(a, b) for name in theirs for a, b in zip(ours[name], theirs[name]))
@@ -107,7 +119,9 @@ def test_a_loss_spike_rolls_back_and_ends_where_a_run_skipping_its_data_ends(dat
     proc = run_megalm(*args, f"train.run_dir={broken}", "train.max_rollbacks=2", "train.steps=20",
                       "train.save_every=1", check=False, extra_env={"MEGALM_FAULTS": faults})
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert proc.stderr.count("rollback ") == 2 and "back to step_00000006" in proc.stderr
+    assert proc.stderr.count("megalm: rollback ") == 2, proc.stderr[-3000:]
+    # newer checkpoints were saved since: back to step 6 from its files
+    assert "back to step_00000006 (from its files (the copy held in memory is of step_00000008)) in " in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("megalm: error: step ") and "3 non-finite steps in a row" in last, last
     assert "after 2 rollbacks (train.max_rollbacks=2); stopping" in last, last

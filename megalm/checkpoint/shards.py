@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import xxhash
 
-from megalm.checkpoint.fragments import Fragment, Slot
+from megalm.checkpoint.fragments import Fragment
 from megalm.checkpoint.meta import CheckpointMeta, FileEntry
 from megalm.common import CHUNK
 from megalm.errors import CheckpointError
@@ -41,87 +39,6 @@ def data_file(rank: int) -> str:
 
 def index_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
-
-
-class Staging:
-    """A host buffer a save copies this rank's fragments into, so that training can go on while a
-    writer saves the copy. It holds one checkpoint's share of this rank (fp32 master and two moments
-    per element), is allocated once and reused by every save, and is pinned when the tensors live
-    on a GPU. The copy runs in the writer's thread, overlapping the next step's forward and backward
-    (which read the weights but do not change them); only that step's optimizer update waits for it
-    (``Snapshot.wait``)."""
-
-    def __init__(self):
-        self.buffer: torch.Tensor | None = None
-        self._views: list[list[torch.Tensor]] = []
-        self._fragments: list[Fragment] = []
-        self._snapshot: Snapshot | None = None
-        self._after = None  # a CUDA event: the compute stream's work the copy must not overtake
-        self._device = None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.buffer is None else self.buffer.numel() * 4
-
-    def start(self, slots: list[Slot]) -> "Snapshot":
-        """Take the live tensors' views and place them in the buffer (no copy yet)."""
-        total = KINDS * sum(s.fragment.numel for s in slots)
-        on_gpu = any(s.p.device.type == "cuda" for s in slots)
-        if self.buffer is None or self.buffer.numel() != total:
-            self.buffer = torch.empty(total, dtype=torch.float32, pin_memory=on_gpu)
-        self._views = [slot.read() for slot in slots]
-        self._fragments, offset = [], 0
-        for slot in slots:
-            self._fragments.append(replace(slot.fragment, offset=offset))
-            offset += KINDS * slot.fragment.numel
-        self._after = self._device = None
-        if on_gpu:
-            self._device = next(s.p.device for s in slots if s.p.device.type == "cuda")
-            self._after = torch.cuda.Event()
-            self._after.record()  # on the current (compute) stream
-        self._snapshot = Snapshot()
-        return self._snapshot
-
-    @torch.no_grad()
-    def finish(self) -> list[Fragment]:
-        """Copy the views into the buffer (in the writer's thread); returns the fragments."""
-        try:
-            if self._after is None:
-                self._copy()
-            else:  # on a side stream of the tensors' GPU, after the work queued before the save
-                with torch.cuda.device(self._device):
-                    stream = torch.cuda.Stream()
-                    stream.wait_event(self._after)
-                    with torch.cuda.stream(stream):
-                        self._copy()
-                    stream.synchronize()
-        finally:
-            self._views = []
-            self._snapshot.done.set()
-        return self._fragments
-
-    def _copy(self) -> None:
-        for fragment, views in zip(self._fragments, self._views):
-            for k, values in enumerate(views):
-                start = fragment.offset + k * fragment.numel
-                self.buffer[start:start + fragment.numel].copy_(values.reshape(-1), non_blocking=True)
-
-    def abandon(self) -> None:
-        """A save failed: nobody may wait for its copy any more."""
-        if self._snapshot is not None:
-            self._snapshot.done.set()
-
-
-class Snapshot:
-    """The staging copy of one save; ``wait`` blocks until it is complete, returning the seconds waited."""
-
-    def __init__(self):
-        self.done = threading.Event()
-
-    def wait(self) -> float:
-        started = time.perf_counter()
-        self.done.wait()
-        return time.perf_counter() - started
 
 
 def write_file(path: Path, data) -> FileEntry:

@@ -32,7 +32,7 @@ import platform
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -43,7 +43,9 @@ from megalm_kernels.provenance import git_commit
 from megalm.checkpoint import catalog
 from megalm.checkpoint.fragments import Fragment, adam_step, ensure_optimizer_state, local_slots
 from megalm.checkpoint.meta import CheckpointMeta, FileEntry, Layout
-from megalm.checkpoint.shards import CheckpointReader, Staging, rank_index, write_file, write_rank
+from megalm.checkpoint.held import HeldSave
+from megalm.checkpoint.shards import KINDS, CheckpointReader, rank_index, write_file, write_rank
+from megalm.checkpoint.staging import Staging
 from megalm.common import checksum
 from megalm.config import Config, load_config
 from megalm.data.location import Location
@@ -91,6 +93,8 @@ class Checkpointer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.names = one_process_names(engine.module)
         self.staging = Staging()
+        t = cfg.train
+        self.held = HeldSave(engine, mesh, self.names) if t.rollback_copy and t.max_rollbacks else None
         self.protected: set[Path] = set()  # never removed by retention (the checkpoint resumed from)
         self.last: SaveStats | None = None
         self._thread: threading.Thread | None = None
@@ -112,24 +116,47 @@ class Checkpointer:
         slots = local_slots(self.engine, self.mesh, self.names, saving=True)
         parts = {name: part.state_dict() for name, part in self.per_rank.items()}
         first = self.staging.buffer is None
-        self._snapshot = self.staging.start(slots)  # the copy runs until the next optimizer step needs the tensors
+        self._hold(step, shared, parts, first)
+        # the copies run until the next optimizer step needs the tensors
+        self._snapshot = self.staging.start([slot.read() for slot in slots])
+        fragments, offset = [], 0
+        for slot in slots:  # where each fragment's master and moments lie in the rank's data file
+            fragments.append(replace(slot.fragment, offset=offset))
+            offset += KINDS * slot.fragment.numel
         if first and self.rank == 0:
             log.info("checkpoint: staging buffer of %.1f MB per rank (rank 0's fp32 masters and Adam moments; "
                      "allocated once, reused by every save); %s", self.staging.nbytes / 1e6,
                      "written in the background" if self.cfg.train.async_save else "written before training goes on")
         self.last = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
         self._error = None
-        self._thread = threading.Thread(target=self._write, args=(tmp, step, adam_step(self.engine), parts, shared,
-                                                                  started), name=f"megalm-save-{step}", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(tmp, step, adam_step(self.engine), fragments, parts,
+                                                                  shared, started), name=f"megalm-save-{step}",
+                                        daemon=True)
         self._thread.start()
         if not self.cfg.train.async_save:
             self.wait()
             dist.barrier()  # every rank returns with the checkpoint complete
         return self.root / catalog.tag(step)
 
-    def _write(self, tmp: Path, step: int, adam: int, parts: dict, shared: dict, started: float) -> None:
+    def _hold(self, step: int, shared: dict, parts: dict, first: bool) -> None:
+        """The newest save held in host memory too, for a rollback to it (held.py)."""
+        if self.held is None:
+            return
+        refused_before = self.held.refused
+        if self.held.start(step, adam_step(self.engine), shared, parts):
+            if first and self.rank == 0:
+                log.info("checkpoint: the newest save is also held in host memory (%.1f MB on rank 0), so that a "
+                         "rollback to it reads no file (train.rollback_copy)", self.held.staging.nbytes / 1e6)
+        elif self.held.refused != refused_before:
+            log.warning("checkpoint: rank %d holds no copy of the newest save in host memory: %s; a rollback will "
+                        "read the checkpoint's files", self.rank, self.held.refused)
+
+    def _write(self, tmp: Path, step: int, adam: int, fragments: list[Fragment], parts: dict, shared: dict,
+               started: float) -> None:
         try:
-            fragments = self.staging.finish()
+            if self.held is not None and self.held.refused is None:
+                self.held.finish()
+            self.staging.finish()
             files = write_rank(tmp, self.rank, self.staging.buffer, rank_index(fragments, adam, parts))
             atomic_write_text(tmp / _marker(self.rank), json.dumps({k: vars(v) for k, v in files.items()}))
             if self.rank == 0:
@@ -141,6 +168,8 @@ class Checkpointer:
         except BaseException as e:  # kept for the training loop to raise: never a silent loss
             self._error = e
             self.staging.abandon()
+            if self.held is not None:
+                self.held.forget()
 
     def _commit(self, tmp: Path, step: int, shared: dict) -> None:
         """Rank 0: once every rank's files are on disk, make the checkpoint complete, then ``latest``."""
@@ -245,14 +274,29 @@ class Checkpointer:
         self._load(ckpt, meta, keep)
         return meta
 
-    def roll_back(self, ckpt: Path) -> CheckpointMeta:
+    def roll_back(self, ckpt: Path) -> str:
         """Collective: back to checkpoint ``ckpt`` of this run, all of it (a resume in the same
-        process), which ``latest`` then names: a restart from here takes the same way back."""
+        process), which ``latest`` then names: a restart from here takes the same way back. From
+        the copy every rank holds in memory when ``ckpt`` is the newest save (held.py), else from
+        its files; returns which, and why."""
         self.wait()
-        meta = self.load(ckpt, "all", "rollback")
+        held = [None] * self.world
+        dist.all_gather_object(held, None if self.held is None else (self.held.step, self.held.refused))
+        step = catalog.step_of(ckpt)
+        if all(h is not None and h[0] == step for h in held):
+            shared, parts = self.held.put_back()
+            self._restore_schedule(shared[STEP_PART]["step"])
+            for name, part in self.shared.items():
+                part.load_state_dict(shared[name])
+            for name, part in self.per_rank.items():
+                part.load_state_dict(parts[name])
+            source = "its copy held in memory"
+        else:
+            self.load(ckpt, "all", "rollback")
+            source = "its files (" + _why_not_held(held, step) + ")"
         if self.rank == 0:
             atomic_write_text(self.root / catalog.LATEST, ckpt.name)
-        return meta
+        return source
 
     def _verified(self, ckpt: Path) -> tuple[CheckpointMeta | None, str | None]:
         """Collective: every rank checksums a share of the files; the first problem, if any."""
@@ -348,6 +392,20 @@ class Checkpointer:
         sched.last_epoch, sched._step_count = step, step + 1
         for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(step)
+
+
+def _why_not_held(held: list, step: int) -> str:
+    """Why a rollback to step ``step`` reads files: ``held`` is each rank's (step held, why none)."""
+    for rank, h in enumerate(held):
+        if h is None:
+            return "train.rollback_copy=false"
+        at, refused = h
+        if refused:
+            return f"rank {rank} holds no copy: {refused}"
+        if at != step:
+            return f"the copy held in memory is of {catalog.tag(at)}" if at is not None else \
+                "no save of this process to go back to"
+    return ""
 
 
 def _step(meta: CheckpointMeta) -> int:

@@ -372,16 +372,16 @@ class Trainer:
         rollbacks = self.state.rollbacks + 1
         self.loader = self.task.loader(self.batch, self.mesh)  # a loader is restored before its first step
         self.checkpointer.shared["data"] = self.loader
-        self.checkpointer.roll_back(target)
+        source = self.checkpointer.roll_back(target)
         self.state.skip_data, self.state.rollbacks = skip, rollbacks
         self.watch.rolled_back(self.state.step)
         self._pin(False)  # a new start: the next run of non-finite steps pins its own
         self.interval_losses.clear()
         self.interval_skipped.clear()
         if self.world.is_main:
-            log.warning("rollback %d of at most %d: step %d: %s; back to %s in %.2f s, the data of step %s skipped",
-                        rollbacks, t.max_rollbacks, step, anomaly.reason, target.name, time.perf_counter() - started,
-                        ", ".join(map(str, anomaly.steps)))
+            log.warning("rollback %d of at most %d: step %d: %s; back to %s (from %s) in %.2f s, the data of step "
+                        "%s skipped", rollbacks, t.max_rollbacks, step, anomaly.reason, target.name, source,
+                        time.perf_counter() - started, ", ".join(map(str, anomaly.steps)))
             drop_metrics_after(self.run_dir, self.state.step)  # the steps after it are trained again
             self.sink.write({"step": self.state.step, "rollback": {"at_step": step, "reason": anomaly.reason,
                                                                    "skip_data": anomaly.steps, "count": rollbacks}})
