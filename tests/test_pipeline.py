@@ -117,7 +117,7 @@ def test_every_schedule_at_pp_2_and_4_computes_one_processs_gradients():
 
 # ------------------------------------------------------------------ idle time by schedule
 
-STEP_S = 0.05  # each of a chunk's forward, input-gradient and weight-gradient passes sleeps this long
+STEP_S = 0.04  # each of a chunk's forward, input-gradient and weight-gradient passes sleeps this long
 PP, MICRO_BATCHES = 4, 8
 
 
@@ -125,6 +125,7 @@ class _Timed(torch.autograd.Function):
     """y = x * w, whose forward, input gradient and weight gradient each take STEP_S (a sleep,
     counted as busy time): the fixed-time stages the schedules' theory assumes."""
     busy = 0.0
+    pass_s = STEP_S  # (0 for a step that only infers the shapes)
 
     @staticmethod
     def forward(ctx, x, w):
@@ -144,8 +145,8 @@ class _Timed(torch.autograd.Function):
 
     @staticmethod
     def _work():
-        time.sleep(STEP_S)
-        _Timed.busy += STEP_S
+        time.sleep(_Timed.pass_s)
+        _Timed.busy += _Timed.pass_s
 
 
 class _Chunk(nn.Module):
@@ -173,9 +174,10 @@ def _idle(rank: int, port: int, schedules: list[tuple[str, int]], out) -> None:
     for name, v in schedules:
         schedule, first, last = _schedule(name, v, rank, PP, _Chunk, MICRO_BATCHES)
         steps = []  # (busy, wall) of each step
-        # the first step also infers the shapes; the least idle of the other two counts (a loaded
-        # machine's stalls only add idle time)
-        for _ in range(3):
+        # the first step infers the shapes, untimed; the least idle of the other two counts (a
+        # loaded machine's stalls only add idle time)
+        for step in range(3):
+            _Timed.pass_s = STEP_S if step else 0.0
             args = (torch.ones(MICRO_BATCHES, 4),) if first else ()
             kwargs = {"target": torch.ones(MICRO_BATCHES, 4)} if last else {}
             dist.barrier()

@@ -19,10 +19,10 @@ from tests.helpers import CONFIG, TINY, launcher, metrics, run_megalm, torchrun,
 # (processes, overrides, the rank that meets the faults): every optimizer path DeepSpeed takes
 LAYOUTS = {
     "1 process, ZeRO 0, fp32 (the plain path megalm guards itself)": (1, [], 0),
-    "1 process, ZeRO 0, bf16": (1, ["train.precision=bf16"], 0),
     "dp=2, ZeRO 2, bf16": (2, ["train.zero_stage=2", "train.precision=bf16", "train.micro_batch_size=2"], 1),
     "dp=2, ZeRO 3": (2, ["train.zero_stage=3", "train.micro_batch_size=2"], 0),
-    "tp=2, ZeRO 0": (2, ["parallel.tp=2", "train.grad_clip=0"], 1),
+    "tp=2, ZeRO 0, bf16 (DeepSpeed's bf16 optimizer)": (2, ["parallel.tp=2", "train.grad_clip=0",
+                                                            "train.precision=bf16"], 1),
     "pp=2, ZeRO 1": (2, ["parallel.pp=2", "train.zero_stage=1", "train.micro_batch_size=2"], 1),
 }
 
