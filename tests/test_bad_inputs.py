@@ -342,9 +342,12 @@ def test_ctrl_c_during_prepare_says_what_it_kept_and_a_rerun_finishes(data_dir, 
         assert time.monotonic() < deadline, job.stderr[-3000:]
         time.sleep(0.01)
     signalled = time.monotonic() - job.started
+    masks = "".join(line for line in Path(f"/proc/{job.proc.pid}/status").read_text().splitlines(keepends=True)
+                    if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
     job.signal(signal.SIGINT)  # to the process group, pool workers included, as a terminal's Ctrl-C
     job.end(timeout=60)
-    assert job.proc.returncode == 130, job.stderr[-3000:]
+    timeline = "\n".join(f"{t:6.2f} {line}" for t, line in job.lines)
+    assert job.proc.returncode == 130, f"Ctrl-C at {signalled:.2f} s; its signal masks then:\n{masks}{timeline}"
     assert "Traceback" not in job.stderr, job.stderr[-3000:]  # nor from the pool's workers
     assert job.stderr.splitlines()[-2:] == [
         f"megalm: data: stopped; {tmp} keeps the work done so far: the same prepare run again finishes it",
