@@ -113,6 +113,18 @@ def compare_parameters(run_dir: Path, reference: Path) -> tuple[float, float]:
     return (diff / norm).item(), worst
 
 
+def _as_a_job(then=None):
+    """In the child, before it starts: Ctrl-C and Ctrl-\\ at their defaults, as a terminal starts a job.
+    A test run started in the background by a script inherits them ignored (bash ignores both for
+    ``cmd &`` without job control), and a program that finds a signal ignored keeps it so."""
+    def preexec():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        if then is not None:
+            then()
+    return preexec
+
+
 class Watched:
     """A command running in the background whose stderr lines are kept with the second each came
     (from its start), so a test can wait for a line, signal it, and time how it ends. Whatever a
@@ -123,7 +135,7 @@ class Watched:
     def __init__(self, cmd: list[str], *, extra_env: dict | None = None, preexec_fn=None):
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=_as_a_job(preexec_fn),
                                      start_new_session=True)  # its own process group, as a terminal's job
         self.lines: list[tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

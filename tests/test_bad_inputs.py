@@ -330,11 +330,8 @@ def test_ctrl_c_during_prepare_says_what_it_kept_and_a_rerun_finishes(data_dir, 
         for f in Path(data_args[0].split("=", 1)[1]).iterdir():
             shutil.copyfile(f, corpus / f"{i}_{f.name}")
     out, tmp = tmp_path / "prepared", tmp_path / ".prepared.tmp"
-    # no tokenizer to train: the scan is short; one worker: its chunks come back one at a time, so most
-    # of the writing is still to come when the first shard is closed (with two, a loaded machine's
-    # Ctrl-C once came after the last)
     args = ["prepare", CONFIG, *TINY, f"data.source={corpus}", f"data.dir={out}", "data.dedup=false",
-            f"data.tokenizer={data_dir / 'tokenizer.json'}", "data.prepare_workers=1"]
+            f"data.tokenizer={data_dir / 'tokenizer.json'}"]  # no tokenizer to train: the scan is short
     job = Watched(megalm_cmd(*args))
     deadline = time.monotonic() + 120
     while not (tmp / "shards.jsonl").is_file():  # a shard is closed: the writing has begun
