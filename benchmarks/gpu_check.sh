@@ -87,9 +87,10 @@ fi
 # name, config and overrides of each training benchmark
 if [ "$dry" = 1 ]; then
     # (MEGALM_DRY_SOURCE and MEGALM_DRY_DATA: a small corpus and where it is or will be prepared)
-    tiny="model.n_layers=1 model.d_model=32 model.n_heads=2 data.seq_len=32 data.vocab_size=512
-          data.shard_tokens=4000 data.eval_sequences=16 data.source=${MEGALM_DRY_SOURCE:-python-stdlib} data.dir=${MEGALM_DRY_DATA:-$out/data}
-          train.global_batch=2 train.micro_batch_size=2 train.device=cpu"
+    # (one line: `read` below takes a run's first line only)
+    tiny="model.n_layers=1 model.d_model=32 model.n_heads=2 data.seq_len=32 data.vocab_size=512 \
+data.shard_tokens=4000 data.eval_sequences=16 data.source=${MEGALM_DRY_SOURCE:-python-stdlib} \
+data.dir=${MEGALM_DRY_DATA:-$out/data} train.global_batch=2 train.micro_batch_size=2 train.device=cpu"
     runs=("tiny|quickstart|$tiny")
     steps=(--steps 3 --warmup 1)
     fp8=train.fp8.layers=auto,train.fp8.emulate=true  # (FP8 emulated on a CPU, where it never pays: none converted)

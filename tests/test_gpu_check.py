@@ -34,3 +34,5 @@ def test_every_stage_of_the_gpu_check_runs_and_writes_its_results(data_dir, tmp_
     assert "backward" in eager["breakdown"]
     assert eager["tokens_per_s"] > 0 and eager["mfu"] is None and eager["mem_peak_gb"] > 0  # (no MFU on a CPU)
     assert train["meta"]["git_commit"]
+    # every override reached the runs: the tiny batch, on the fixture's data, nothing prepared in the checkout
+    assert {f"data.dir={data_dir}", "train.global_batch=2", "train.device=cpu"} <= set(train["meta"]["overrides"])
