@@ -142,12 +142,12 @@ class Checkpointer:
         """The newest save held in host memory too, for a rollback to it (held.py)."""
         if self.held is None:
             return
-        refused_before = self.held.refused
+        refused_before = self.held.refused is not None
         if self.held.start(step, adam_step(self.engine), shared, parts):
             if first and self.rank == 0:
                 log.info("checkpoint: the newest save is also held in host memory (%.1f MB on rank 0), so that a "
                          "rollback to it reads no file (train.rollback_copy)", self.held.staging.nbytes / 1e6)
-        elif self.held.refused != refused_before:
+        elif not refused_before:  # (said once, not at every save)
             log.warning("checkpoint: rank %d holds no copy of the newest save in host memory: %s; a rollback will "
                         "read the checkpoint's files", self.rank, self.held.refused)
 
