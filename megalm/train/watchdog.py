@@ -309,7 +309,8 @@ class Watchdog:
                 cleanup()
             except Exception:  # noqa: BLE001 - the exit must happen
                 pass
-        logging.shutdown()
+        # (not logging.shutdown(): it takes every handler's lock, and this may be the watchdog's thread
+        # ending the process while the main thread holds one; megalm's one handler writes to stderr)
         sys.stderr.flush()
         os._exit(code)
 
@@ -320,7 +321,11 @@ class Watchdog:
         first = self._read_failure(wait_s=0)
         if first is not None and first["rank"] != self.rank:
             if not self._ending.acquire(blocking=False):
-                self._park()  # the watchdog thread is saying it
+                # another thread is ending this process: go on with what the signal interrupted, which
+                # may hold a lock that thread needs on its way out (stderr's, a log handler's): parked
+                # here, it would hold it for good, and torchrun kills a worker that outlives its
+                # SIGTERM only 30 s later
+                return
             say(f"{prefix()}: stopping because {describe(first)}")
         self._exit(first["exit_code"] if first is not None else exit_code(e))
 
