@@ -6,7 +6,7 @@ that holds ``--dir`` measures, each ``--repeat`` times (median reported):
 - the disk's raw sequential write (fsynced) and read of as many bytes as a checkpoint holds;
 - a synchronous save (training waits for all of it), its GB/s as a fraction of the raw write;
 - an asynchronous save followed by a training step's forward and backward: how long training
-  waits (the stall: the save call, plus waiting for the staging copy at the optimizer update) and
+  waits (the stall: the save call, plus waiting for the host copy at the optimizer update) and
   how long the write takes;
 - a resume (load) in GB/s against the raw read.
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
          "vs_raw": gbps["load"] / gbps["raw_read"]},
     ]
     meta = provenance.device_info(device)
-    meta.update(model=args.model, checkpoint_bytes=nbytes, staging_bytes=sync.staging.nbytes, repeats=repeat,
+    meta.update(model=args.model, checkpoint_bytes=nbytes, host_copy_bytes=sync.host_copy_bytes, repeats=repeat,
                 disk=str(run_dir.resolve()), save_target_met=gbps["sync"] >= SAVE_TARGET * gbps["raw_write"],
                 stall_target_met=med["stall"] <= STALL_TARGET * med["sync"])
     columns = [("what", "measurement"), ("seconds", "seconds"), ("gb_per_s", "GB/s"),

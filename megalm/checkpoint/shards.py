@@ -41,25 +41,29 @@ def index_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def write_file(path: Path, data) -> FileEntry:
-    """Write bytes-like ``data`` to ``path`` in chunks, checksumming as it goes; fsync."""
-    view = memoryview(data).cast("B")
-    digest = xxhash.xxh3_64()
+def write_file(path: Path, *pieces) -> FileEntry:
+    """Write bytes-like ``pieces`` to ``path``, one after another, in chunks, checksumming as it
+    goes; fsync."""
+    digest, size = xxhash.xxh3_64(), 0
     with open(path, "wb") as f:
-        for start in range(0, len(view), CHUNK):
-            chunk = view[start:start + CHUNK]
-            digest.update(chunk)
-            f.write(chunk)
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            for start in range(0, len(view), CHUNK):
+                chunk = view[start:start + CHUNK]
+                digest.update(chunk)
+                f.write(chunk)
+            size += len(view)
         f.flush()
         os.fsync(f.fileno())
-    return FileEntry(size=len(view), xxh3=digest.hexdigest())
+    return FileEntry(size=size, xxh3=digest.hexdigest())
 
 
-def write_rank(directory: Path, rank: int, values: torch.Tensor, index: dict) -> dict[str, FileEntry]:
-    """This rank's two files; returns their sizes and checksums."""
+def write_rank(directory: Path, rank: int, values: list[torch.Tensor], index: dict) -> dict[str, FileEntry]:
+    """This rank's two files (``values``: flat float32 host tensors, written one after another);
+    returns their sizes and checksums."""
     buffer = io.BytesIO()
     torch.save(index, buffer)
-    return {data_file(rank): write_file(directory / data_file(rank), values.numpy()),
+    return {data_file(rank): write_file(directory / data_file(rank), *(v.numpy() for v in values)),
             index_file(rank): write_file(directory / index_file(rank), buffer.getbuffer())}
 
 

@@ -115,49 +115,70 @@ class Checkpointer:
         dist.barrier()
         slots = local_slots(self.engine, self.mesh, self.names, saving=True)
         parts = {name: part.state_dict() for name, part in self.per_rank.items()}
-        first = self.staging.buffer is None
-        self._hold(step, shared, parts, first)
-        # the copies run until the next optimizer step needs the tensors
-        self._snapshot = self.staging.start([slot.read() for slot in slots])
+        first = self.last is None
+        # the copies run until the next optimizer step needs the tensors: the held copy, which the
+        # files are written from, or else the save's own
+        self._snapshot = self._hold(step, shared, parts, first)
+        from_held = self._snapshot is not None
+        if from_held:
+            self.staging.buffer = None
+        else:
+            self._snapshot = self.staging.start([slot.read() for slot in slots])
         fragments, offset = [], 0
         for slot in slots:  # where each fragment's master and moments lie in the rank's data file
             fragments.append(replace(slot.fragment, offset=offset))
             offset += KINDS * slot.fragment.numel
         if first and self.rank == 0:
-            log.info("checkpoint: staging buffer of %.1f MB per rank (rank 0's fp32 masters and Adam moments; "
-                     "allocated once, reused by every save); %s", self.staging.nbytes / 1e6,
-                     "written in the background" if self.cfg.train.async_save else "written before training goes on")
-        self.last = SaveStats(step, time.perf_counter() - started, self.staging.nbytes)
+            how = "written in the background" if self.cfg.train.async_save else "written before training goes on"
+            if from_held:
+                log.info("checkpoint: a save copies what this rank holds into host memory (%.1f MB on rank 0: "
+                         "fp32 masters, Adam moments%s), writes its files from that copy and keeps it, so that a "
+                         "rollback to it reads no file (train.rollback_copy); %s", self.held.staging.nbytes / 1e6,
+                         ", the 16-bit weights" if self.cfg.train.zero_stage in (1, 2) else "", how)
+            else:
+                log.info("checkpoint: staging buffer of %.1f MB per rank (rank 0's fp32 masters and Adam moments; "
+                         "allocated once, reused by every save); %s", self.staging.nbytes / 1e6, how)
+        self.last = SaveStats(step, time.perf_counter() - started, 4 * offset)
         self._error = None
+        written = [f.name for f in fragments] if from_held else None
         self._thread = threading.Thread(target=self._write, args=(tmp, step, adam_step(self.engine), fragments, parts,
-                                                                  shared, started), name=f"megalm-save-{step}",
-                                        daemon=True)
+                                                                  shared, started, written),
+                                        name=f"megalm-save-{step}", daemon=True)
         self._thread.start()
         if not self.cfg.train.async_save:
             self.wait()
             dist.barrier()  # every rank returns with the checkpoint complete
         return self.root / catalog.tag(step)
 
-    def _hold(self, step: int, shared: dict, parts: dict, first: bool) -> None:
-        """The newest save held in host memory too, for a rollback to it (held.py)."""
+    @property
+    def host_copy_bytes(self) -> int:
+        """The host memory this rank's saves copy into (the held copy, or the save's own staging)."""
+        return self.staging.nbytes + (self.held.staging.nbytes if self.held is not None else 0)
+
+    def _hold(self, step: int, shared: dict, parts: dict, first: bool):
+        """The newest save held in host memory, for a rollback to it (held.py): the copy's snapshot,
+        or None where no copy is held."""
         if self.held is None:
-            return
+            return None
         refused_before = self.held.refused is not None
-        if self.held.start(step, adam_step(self.engine), shared, parts):
-            if first and self.rank == 0:
-                log.info("checkpoint: the newest save is also held in host memory (%.1f MB on rank 0), so that a "
-                         "rollback to it reads no file (train.rollback_copy)", self.held.staging.nbytes / 1e6)
-        elif not refused_before:  # (said once, not at every save)
+        snapshot = self.held.start(step, adam_step(self.engine), shared, parts, spare=self.staging.nbytes)
+        if snapshot is None and not refused_before:  # (said once, not at every save)
             log.warning("checkpoint: rank %d holds no copy of the newest save in host memory: %s; a rollback will "
                         "read the checkpoint's files", self.rank, self.held.refused)
+        return snapshot
 
     def _write(self, tmp: Path, step: int, adam: int, fragments: list[Fragment], parts: dict, shared: dict,
-               started: float) -> None:
+               started: float, written: list[str] | None) -> None:
+        """In the save's thread: copy (held.py's copy when ``written`` names what to write from it,
+        else the save's own), write this rank's files, and on rank 0 commit."""
         try:
-            if self.held is not None and self.held.refused is None:
+            if written is not None:
                 self.held.finish()
-            self.staging.finish()
-            files = write_rank(tmp, self.rank, self.staging.buffer, rank_index(fragments, adam, parts))
+                values = self.held.written(written)
+            else:
+                self.staging.finish()
+                values = [self.staging.buffer]
+            files = write_rank(tmp, self.rank, values, rank_index(fragments, adam, parts))
             atomic_write_text(tmp / _marker(self.rank), json.dumps({k: vars(v) for k, v in files.items()}))
             if self.rank == 0:
                 self._commit(tmp, step, shared)
@@ -167,9 +188,7 @@ class Checkpointer:
                          self.last.write_s, self.last.staged_bytes / 1e6)
         except BaseException as e:  # kept for the training loop to raise: never a silent loss
             self._error = e
-            self.staging.abandon()
-            if self.held is not None:
-                self.held.forget()
+            (self.staging if written is None else self.held).abandon()
 
     def _commit(self, tmp: Path, step: int, shared: dict) -> None:
         """Rank 0: once every rank's files are on disk, make the checkpoint complete, then ``latest``."""
@@ -466,7 +485,7 @@ def save_weights(out: Path, cfg: Config, state: dict[str, torch.Tensor], tokeniz
         fragments.append(Fragment(name=name, tp_rank=0, tp=1, shard_dim=-1, shard_parts=(), shape=tuple(tensor.shape),
                                   start=0, numel=tensor.numel(), offset=offset))
         offset += tensor.numel()
-    values = torch.cat([t.reshape(-1).float() for t in state.values()])
+    values = [t.reshape(-1).float().contiguous() for t in state.values()]
     files = write_rank(tmp, 0, values, rank_index(fragments, 0, {}, kinds=1))
     load_tokenizer(tokenizer).save(str(tmp / TOKENIZER))  # canonical form, as `megalm prepare` saves it
     files[TOKENIZER] = FileEntry(size=(tmp / TOKENIZER).stat().st_size, xxh3=checksum(tmp / TOKENIZER))
