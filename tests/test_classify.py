@@ -179,6 +179,7 @@ def test_bad_input_is_named_by_file_and_line(single_run, example, tmp_path):
     proc = run_megalm("finetune", str(single_run), "--task", "classify", "--train", str(bad), "--eval",
                       str(example / "eval.jsonl"), f"train.run_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 1 and f"{bad}:3: no label" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()  # refused at the start: no empty run dir left behind
     for text, problem in [("", "holds no records"), ('{"text": "x", "label": "a"}\n{"text": ', ":2: not valid JSON"),
                           ('{"text": "", "label": "a"}\n', ":1: no text"), ('["x", "a"]\n', ":1: expected a JSON object")]:
         bad.write_text(text)

@@ -11,7 +11,9 @@ holder, unless the holder is gone:
 - another host: the lock has not been touched for ``STALE_S`` (that host or its process died).
 
 Then the lock is taken over, and the log says from whom. The lock goes when the run ends, however
-it ends: a normal exit, a failure (the watchdog's exit runs it), or the interpreter's exit.
+it ends: a normal exit, a failure (the watchdog's exit runs it), or the interpreter's exit; so does
+a run dir the lock created, if nothing else was written there (a run refused at its start, over
+bad input, leaves no empty directory behind).
 It is a file, not ``flock``, because run dirs live on shared storage (NFS, Lustre) where ``flock``
 is unreliable across hosts.
 """
@@ -53,9 +55,14 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.held = False
         self._stop = threading.Event()
+        self._created: list[Path] = []  # directories that acquiring made, deepest first
 
     def acquire(self) -> None:
         """Take the lock, or raise RunLocked naming the live run that holds it."""
+        missing = self.path.parent
+        while not missing.exists():
+            self._created.append(missing)
+            missing = missing.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": node_name(), "pid": os.getpid(), "started": _started(os.getpid()),
               "job": os.environ.get("SLURM_JOB_ID", ""),
@@ -93,6 +100,11 @@ class RunLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+        for directory in self._created:
+            try:
+                directory.rmdir()  # only when empty
+            except OSError:
+                break
 
     def _holder(self) -> dict:
         try:
