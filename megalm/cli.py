@@ -19,7 +19,7 @@ import os
 import sys
 
 from megalm.commands import COMMANDS
-from megalm.errors import MegalmError, exit_code, one_line, prefix, say
+from megalm.errors import MegalmError, exit_code, exit_now, one_line, prefix, say
 
 
 def _setup_logging() -> None:
@@ -64,9 +64,7 @@ def _leave() -> None:
     """Registered before anything else, so it runs after every other exit handler."""
     if _returned is not None:
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_returned)
+        exit_now(_returned)
 
 
 atexit.register(_leave)

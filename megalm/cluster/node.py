@@ -37,7 +37,8 @@ from pathlib import Path
 
 import psutil
 
-from megalm.errors import EXIT_ERROR, EXIT_STOPPED, EXIT_USAGE, EXIT_WATCHDOG, FAILURES_FILE, ConfigError, say
+from megalm.errors import (EXIT_ERROR, EXIT_STOPPED, EXIT_USAGE, EXIT_WATCHDOG, FAILURES_FILE, ConfigError,
+                           exit_now, say)
 
 PR_SET_PDEATHSIG = 1  # prctl: the signal a process gets when its parent dies
 
@@ -216,4 +217,4 @@ def await_verdict(failures: Path, before: int, wait_s: float) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

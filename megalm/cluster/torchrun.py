@@ -14,13 +14,12 @@ signals every process of a cancelled job) it stops its workers as torchrun does,
 from __future__ import annotations
 
 import signal
-import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
-from megalm.errors import say
+from megalm.errors import exit_now, say
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,4 +43,4 @@ def _describe(code: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # (torchrun's agent has shut its workers and rendezvous down by now)

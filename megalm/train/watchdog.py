@@ -52,7 +52,7 @@ from typing import Callable, Iterator
 
 import torch.distributed as dist
 
-from megalm.errors import EXIT_ERROR, EXIT_WATCHDOG, exit_code, MegalmError, one_line, prefix, say
+from megalm.errors import EXIT_ERROR, EXIT_WATCHDOG, MegalmError, exit_code, exit_now, one_line, prefix, say
 from megalm.parallel.collectives import POINT_TO_POINT, RECORDER
 from megalm.parallel.distributed import node_name
 from megalm.train.preemption import stop_requested
@@ -311,8 +311,7 @@ class Watchdog:
                 pass
         # (not logging.shutdown(): it takes every handler's lock, and this may be the watchdog's thread
         # ending the process while the main thread holds one; megalm's one handler writes to stderr)
-        sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
 
     def _stop_at_once(self, e: BaseException) -> None:
         """A stop signal after this rank failed (a launcher ending the rest once the first rank exited):
