@@ -178,7 +178,9 @@ def test_a_slow_rank_is_named_and_a_mismatched_collective_is_shown_on_every_rank
     seen = [(r["step"], r["slowest_rank"], r["slowest_rank_lag_s"]) for r in rows]
     lags = sorted(r["slowest_rank_lag_s"] for r in rows if r["slowest_rank"] == 2)
     assert len(rows) == 13 and len(lags) >= 10 and 0.15 < lags[len(lags) // 2] < 0.4, seen
-    verdict = next(line for line in log.splitlines() if line.startswith("megalm[0]: watchdog: every rank is stuck"))
+    verdict = next((line for line in log.splitlines() if line.startswith("megalm[0]: watchdog: every rank is stuck")),
+                   None)
+    assert verdict is not None, log[-6000:]
     assert ("ranks 0, 2, 3 wait in all_reduce on dp 0,1,2,3 #" in verdict and "(16 B float64); rank 1 waits in "
             "all_reduce on world #" in verdict and "(4 B float32)" in verdict and "rank 1 the odd one out" in verdict)
     for rank in range(4):
@@ -191,6 +193,27 @@ def test_a_slow_rank_is_named_and_a_mismatched_collective_is_shown_on_every_rank
         # the verdict came within the watchdog timeout (plus its ticks) of the stray collective
         assert dump_time(run_dir, rank) - last["started"] < timeout_s + 3, rank
     assert proc.returncode != 0 and took < 60, took
+
+
+def test_a_rank_still_setting_up_is_not_stuck_until_the_others_have_waited_the_timeout(tmp_path):
+    """A loaded host's rank can take longer than the timeout to set up (its start is what its
+    heartbeat's progress says until training starts). It is not stuck while it sets up; once the
+    training ranks have waited the timeout for it, it is the rank named. (A CI run named such a rank
+    'stuck at step 0 in starting' 10 s after its start, at watchdog_timeout_s=8.)"""
+    from megalm.train.watchdog import Watchdog
+
+    watchdog = Watchdog(8, tmp_path / "failures.txt")
+    watchdog.rank, watchdog.world = 0, 2
+    now = time.time()
+
+    def beat(armed: bool, progress_s_ago: float) -> dict:
+        return {"node": "vm", "pid": 1, "step": 0, "phase": "forward-backward" if armed else "starting",
+                "beat": now, "progress": now - progress_s_ago, "finished": False, "armed": armed, "collective": None}
+
+    assert watchdog._judge({0: beat(True, 3), 1: beat(False, 10)}, range(2)) is None
+    judged = watchdog._judge({0: beat(True, 9), 1: beat(False, 16)}, range(2))
+    assert judged["culprits"] == [1] and judged["message"].startswith(
+        "rank 1 on vm (pid 1) is still setting up, 16 s after it started, while the others have waited 9 s"), judged
 
 
 def dump_time(run_dir, rank: int) -> float:

@@ -359,7 +359,7 @@ class Watchdog:
                 last = RECORDER.last()
                 store.set(f"megalm/watchdog/hb/{self.rank}", json.dumps(
                     {**me, "step": self.step, "phase": self.phase, "beat": time.time(),
-                     "progress": self.progress_at, "finished": self.finished,
+                     "progress": self.progress_at, "finished": self.finished, "armed": self.armed,
                      "collective": last and {"what": last.what(), "signature": last.signature(),
                                              "members": last.members, "done": last.duration_s is not None}}))
                 for r in watched:
@@ -392,11 +392,21 @@ class Watchdog:
         if self.rank != 0:
             return None
         # stuck: alive (still beating) but not moving; a rank that also stopped beating is judged
-        # above, once its silence reaches the timeout
-        stuck = [r for r, hb in live.items() if now - hb["progress"] > self.timeout
+        # above, once its silence reaches the timeout. Only a training rank (armed) can be stuck: one
+        # still setting up (a loaded host, a large checkpoint to read) is not, though its start is
+        # long ago; once training ranks have waited the timeout for it, it is the one named.
+        stuck = [r for r, hb in live.items() if hb["armed"] and now - hb["progress"] > self.timeout
                  and now - hb["beat"] <= 3 * self.interval]
         if not stuck:
             return None
+        setting_up = [r for r, hb in live.items() if not hb["armed"]]
+        if setting_up:
+            r, hb = setting_up[0], live[setting_up[0]]
+            waited = now - max(live[s]["progress"] for s in stuck)
+            others = f" (and ranks {setting_up[1:]})" if len(setting_up) > 1 else ""
+            return verdict(f"rank {r} on {hb['node']} (pid {hb['pid']}) is still setting up, "
+                           f"{now - hb['progress']:.0f} s after it started, while the others have waited "
+                           f"{waited:.0f} s for it to train{others}", setting_up)
         behind = min(live[r]["step"] for r in stuck)
         named = [r for r in stuck if live[r]["step"] == behind]
         # a rank stuck outside collectives (reading data) holds up the ones waiting for it inside one
